@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny seeded checkpoints in the official layout, generated once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trtllm_twotower.checkpoint import CheckpointReader, load_tower_weights, resolve_keys
+from trtllm_twotower.config import load_config
+from trtllm_twotower.demo import write_demo_checkpoint
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (and the built kernel library); skipped without one")
+    config.addinivalue_line("markers", "triton: starts a real tritonserver (nvidia-pytriton) on loopback")
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """The demo checkpoint (pattern M*EME*ME)."""
+    return write_demo_checkpoint(tmp_path_factory.mktemp("ckpt") / "demo", seed=0)
+
+
+@pytest.fixture(scope="session")
+def all_kinds_dir(tmp_path_factory):
+    """A checkpoint whose pattern has every layer kind (M, *, E, -) and a chunk size below the prompts."""
+    return write_demo_checkpoint(tmp_path_factory.mktemp("ckpt") / "all_kinds", seed=1,
+                                 hybrid_override_pattern="M*E-ME*M", chunk_size=8)
+
+
+def load_towers(directory, dtype=torch.float32):
+    """(cfg, context weights, denoiser weights) of a TwoTower checkpoint."""
+    cfg = load_config(directory)
+    reader = CheckpointReader(directory)
+    layout, on_disk = resolve_keys(reader, cfg, ("context", "denoiser"))
+    ctx = load_tower_weights(reader, cfg, "context", dtype, layout=layout, on_disk=on_disk)
+    den = load_tower_weights(reader, cfg, "denoiser", dtype, layout=layout, on_disk=on_disk)
+    return cfg, ctx, den

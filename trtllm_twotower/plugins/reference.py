@@ -1,0 +1,119 @@
+"""Readable torch references for the two custom kernels.
+
+Each function has the signature and semantics of its CUDA twin (``kernels.py`` calls the compiled
+library with the same arguments). They are the eager torch backend's implementation on CPU, and the
+yardstick of the GPU tests. Written as numbered steps that map onto spec §3 / §5.3 / §5.4.
+
+Shape alphabet: B batch, L new tokens, S cache capacity, H query heads, K kv heads, P head dim,
+N state size, G groups, C conv channels (= H*P + 2*G*N), W conv width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def block_attention_ref(
+    q: torch.Tensor,  # [B, L, H, P]
+    k: torch.Tensor,  # [B, L, K, P]   the new tokens' keys
+    v: torch.Tensor,  # [B, L, K, P]
+    k_cache: torch.Tensor,  # [B, S, K, P]  keys of earlier tokens; rows valid in [0, cache_lens[b])
+    v_cache: torch.Tensor,  # [B, S, K, P]
+    cache_lens: torch.Tensor,  # [B] int   tokens already in the cache, per row
+    causal: bool,
+    write_cache: bool,
+) -> torch.Tensor:  # [B, L, H, P], dtype of q
+    """Queries of an L-token chunk attend to ``cache[0:len]`` plus the chunk's own K/V.
+
+    causal=True  (context tower): query j sees cache[0:len] and chunk keys 0..j.
+    causal=False (denoiser):      every query sees cache[0:len] and all L chunk keys.
+    write_cache=True stores k, v into ``k_cache/v_cache[b, len_b : len_b + L]`` in place (the
+    caller advances its lengths); False leaves the cache untouched (the denoiser is read-only).
+    GQA: query head h reads kv head h // (H // K). No positional encoding (NoPE).
+    Scores and softmax in fp32, scale 1/sqrt(P); probabilities @ V in fp32, one rounding at the end.
+    """
+    B, L, H, P = q.shape
+    K = k.shape[2]
+    lens = cache_lens.to(torch.long).cpu()
+    max_len = int(lens.max()) if B else 0
+    # 1. keys/values seen by the chunk: the cache prefix (padded to the longest row) ‖ the chunk
+    keys = torch.cat([k_cache[:, :max_len].float(), k.float()], dim=1)  # [B, max_len + L, K, P]
+    values = torch.cat([v_cache[:, :max_len].float(), v.float()], dim=1)
+    # 2. mask: cache slot s valid iff s < len_b; chunk key i visible to query j iff i <= j (causal)
+    slot = torch.arange(max_len)
+    cache_ok = (slot[None, :] < lens[:, None])[:, None, :].expand(B, L, max_len)  # [B, L, max_len]
+    chunk_ok = torch.ones(L, L, dtype=torch.bool)
+    if causal:
+        chunk_ok = torch.tril(chunk_ok)
+    visible = torch.cat([cache_ok, chunk_ok[None].expand(B, L, L)], dim=2).to(q.device)  # [B, L, max_len+L]
+    # 3. GQA: repeat each kv head for its H // K query heads
+    group = H // K
+    keys = keys.repeat_interleave(group, dim=2)  # [B, max_len + L, H, P]
+    values = values.repeat_interleave(group, dim=2)
+    # 4. fp32 scores, masked softmax, weighted sum
+    scores = torch.einsum("blhp,bshp->bhls", q.float(), keys) / math.sqrt(P)  # [B, H, L, max_len+L]
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhls,bshp->blhp", probs, values)  # [B, L, H, P]
+    # 5. append the chunk's K/V to the cache (context tower only)
+    if write_cache:
+        for b in range(B):
+            start = int(lens[b])
+            k_cache[b, start : start + L] = k[b].to(k_cache.dtype)
+            v_cache[b, start : start + L] = v[b].to(v_cache.dtype)
+    return out.to(q.dtype)
+
+
+def seeded_mamba_scan_ref(
+    xbc: torch.Tensor,  # [B, L, C]  raw (pre-conv) x ‖ B ‖ C columns of the new tokens
+    dt: torch.Tensor,  # [B, L, H]  raw dt (before dt_bias and softplus)
+    conv_weight: torch.Tensor,  # [C, W]  depthwise taps; conv_weight[:, W-1] multiplies the current column
+    conv_bias: torch.Tensor,  # [C]
+    dt_bias: torch.Tensor,  # [H] fp32
+    A_log: torch.Tensor,  # [H] fp32    A = -exp(A_log)
+    D: torch.Tensor,  # [H] fp32        skip connection per head
+    conv_state: torch.Tensor,  # [B, C, W]  last W raw columns before this chunk, most recent at W-1
+    ssm_state: torch.Tensor,  # [B, H, P, N] fp32  state after the last processed token
+    n_groups: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded causal conv + SiLU, then the selective-state recurrence in fp32.
+
+    Returns ``y`` [B, L, H*P] (dtype of xbc; C·S + D·x, before the gated norm), the new conv state
+    [B, C, W] (last W raw columns of ``conv_state ‖ xbc``, dtype of conv_state) and the new fp32 SSM
+    state [B, H, P, N]. The inputs are not modified; the denoiser simply drops the new states.
+    Head h reads group h // (H // G). The conv is seeded with the last W-1 columns of conv_state.
+    """
+    B, L, C = xbc.shape
+    W = conv_weight.shape[1]
+    H = dt.shape[2]
+    P = head_dim
+    G = n_groups
+    N = (C - H * P) // (2 * G)
+    out_dtype = xbc.dtype
+    # 1. depthwise causal conv over [W-1 seed columns ‖ L new columns], fp32 accumulate, SiLU, one rounding
+    seq = torch.cat([conv_state[:, :, 1:].float(), xbc.transpose(1, 2).float()], dim=2)  # [B, C, W-1+L]
+    windows = seq.unfold(2, W, 1)  # [B, C, L, W]
+    conv = (windows * conv_weight.float()[None, :, None, :]).sum(-1) + conv_bias.float()[None, :, None]
+    xbc_conv = F.silu(conv).to(out_dtype).transpose(1, 2)  # [B, L, C]
+    new_conv_state = torch.cat([conv_state, xbc.transpose(1, 2).to(conv_state.dtype)], dim=2)[:, :, -W:]
+    # 2. split into x [B, L, H, P], B and C [B, L, G, N]; dt = softplus(dt + dt_bias) in fp32
+    x, Bm, Cm = torch.split(xbc_conv.float(), [H * P, G * N, G * N], dim=-1)
+    x = x.reshape(B, L, H, P)
+    Bm = Bm.reshape(B, L, G, N).repeat_interleave(H // G, dim=2)  # [B, L, H, N]
+    Cm = Cm.reshape(B, L, G, N).repeat_interleave(H // G, dim=2)
+    dt = F.softplus(dt.float() + dt_bias.float())  # [B, L, H]; softplus passes the raw value above 20
+    A = -torch.exp(A_log.float())  # [H]
+    # 3. sequential recurrence: S = exp(dt A) S + dt x ⊗ B; y = S C + D x
+    state = ssm_state.float().clone()  # [B, H, P, N]
+    ys = []
+    for t in range(L):
+        decay = torch.exp(dt[:, t] * A)  # [B, H]
+        state = decay[:, :, None, None] * state + (dt[:, t, :, None] * x[:, t])[..., None] * Bm[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, Cm[:, t]) + D.float()[None, :, None] * x[:, t])
+    y = torch.stack(ys, dim=1).reshape(B, L, H * P) if L else x.reshape(B, 0, H * P)
+    # 4. one rounding of y to the compute dtype
+    return y.to(out_dtype), new_conv_state, state
