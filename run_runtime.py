@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""Generate text with Nemotron-Labs-TwoTower: mask diffusion, mock-AR or AR.
+
+With no arguments: mask diffusion on the built-in tiny demo checkpoint (generated on first use),
+printing the text as blocks commit. ``--json`` makes the last line of stdout one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=None, help="HF checkpoint dir (TwoTower or Nano); default: the demo")
+    p.add_argument("--engine-dir", default=None, help="built engines (build_engine.py output): run the TensorRT backend")
+    p.add_argument("--mode", choices=["diffusion", "mock-ar", "ar"], default="diffusion")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", default=None, help="prompt text (repeat for a batch)")
+    src.add_argument("--prompt-ids", action="append", default=None, help="comma-separated token ids (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--steps-per-block", type=int, default=16)
+    p.add_argument("--confidence-threshold", type=float, default=0.8)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mask-token-id", type=int, default=None, help="default: the checkpoint's (3)")
+    p.add_argument("--eos-token-id", type=int, default=-1, help="default: the checkpoint's; -2 disables EOS stops")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    p.add_argument("--context-device", default=None, help="default: cuda:0, or cpu without a GPU")
+    p.add_argument("--denoiser-device", default=None, help="default: cuda:1 with two GPUs, else the context device")
+    p.add_argument("--stream", action="store_true", help="print each committed block as it arrives (default when "
+                   "neither --json nor --no-stream is given)")
+    p.add_argument("--no-stream", action="store_true", help="print only the final text")
+    p.add_argument("--json", action="store_true", help="last line of stdout: one JSON object with the results")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from trtllm_twotower.runtime import TwoTowerRuntime
+
+    if args.prompt_ids:
+        try:
+            prompts = [[int(t) for t in s.split(",") if t.strip()] for s in args.prompt_ids]
+        except ValueError:
+            print(f"error: --prompt-ids: expected comma-separated integers, got {args.prompt_ids!r}", file=sys.stderr)
+            return 2
+    else:
+        prompts = args.prompt or ["The two towers of the model"]
+    stream = args.stream or not (args.json or args.no_stream)
+    try:
+        runtime = TwoTowerRuntime.from_checkpoint(
+            args.checkpoint, backend="trt" if args.engine_dir else "torch", dtype=args.dtype,
+            context_device=args.context_device, denoiser_device=args.denoiser_device, engine_dir=args.engine_dir)
+
+        def on_block(event) -> None:
+            prefix = f"[{event.row}] " if len(prompts) > 1 else ""
+            print(f"{prefix}{event.text}", end="" if len(prompts) == 1 else "\n", flush=True)
+
+        result = runtime.generate(
+            prompts, max_new_tokens=args.max_new_tokens, mode=args.mode, block_size=args.block_size,
+            steps_per_block=args.steps_per_block, confidence_threshold=args.confidence_threshold,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+            eos_token_id=None if args.eos_token_id == -2 else args.eos_token_id,
+            mask_token_id=args.mask_token_id, on_block=on_block if stream else None)
+    except ValueError as err:  # bad arguments, config or checkpoint: one clear line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if stream:
+        print()
+    elif not args.json:
+        for text in result.text:
+            print(text)
+    print(f"mode={args.mode} nfe={result.nfe} tokens/step={result.tokens_per_step:.2f} "
+          f"seconds={result.seconds:.3f}", file=sys.stderr)
+    if args.json:
+        print(json.dumps({"output_ids": result.output_ids, "text": result.text, "nfe": result.nfe,
+                          "nfe_per_row": result.nfe_per_row, "tokens_per_step": result.tokens_per_step,
+                          "seconds": result.seconds, "mode": args.mode}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

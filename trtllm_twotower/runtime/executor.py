@@ -1,0 +1,93 @@
+"""The torch executor: the towers on their devices behind the sampler's interface.
+
+``prefill`` / ``extend`` run the context tower on ``context_device`` and return its state;
+``denoise`` runs the denoiser on ``denoiser_device`` over a read-only view of that state. With two
+devices a ``StateMirror`` keeps a copy of the context state on the denoiser's device and moves only
+what changed since the last block: the new K/V positions and the Mamba states.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..network import towers
+from ..network.ops import TorchOps
+
+
+class StateMirror:
+    """The context state's copy on another device, updated incrementally."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._mirror: towers.TowerState | None = None
+        self._source: towers.TowerState | None = None  # held, so identity comparison is sound
+
+    def update(self, state: towers.TowerState) -> towers.TowerState:
+        if self._source is state:
+            return self._mirror
+        old = self._mirror
+        if old is None or old.batch != state.batch or old.capacity != state.capacity or bool((state.lengths < old.lengths).any()):
+            # a new sequence: copy everything (owned buffers: later updates write into them)
+            keys = {i: k.to(self.device, copy=True) for i, k in state.keys.items()}
+            values = {i: v.to(self.device, copy=True) for i, v in state.values.items()}
+        else:
+            keys, values = old.keys, old.values
+            for b in range(state.batch):  # only the positions appended since the last update
+                lo, hi = int(old.lengths[b]), int(state.lengths[b])
+                for i in keys:
+                    keys[i][b, lo:hi].copy_(state.keys[i][b, lo:hi], non_blocking=True)
+                    values[i][b, lo:hi].copy_(state.values[i][b, lo:hi], non_blocking=True)
+        self._mirror = towers.TowerState(
+            lengths=state.lengths.clone(), keys=keys, values=values,
+            conv={i: c.to(self.device, non_blocking=True) for i, c in state.conv.items()},
+            ssm={i: s.to(self.device, non_blocking=True) for i, s in state.ssm.items()},
+        )
+        self._source = state
+        return self._mirror
+
+
+class TorchExecutor:
+    """Eager torch towers. ``den_weights`` may be None (a Nano checkpoint: AR mode only)."""
+
+    def __init__(self, cfg, ctx_weights: dict, den_weights: dict | None, dtype: torch.dtype,
+                 context_device: torch.device, denoiser_device: torch.device):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.context_device = context_device
+        self.denoiser_device = denoiser_device
+        self.ctx_weights = ctx_weights
+        self.den_weights = den_weights
+        self.ctx_ops = TorchOps(dtype, context_device)
+        self.den_ops = TorchOps(dtype, denoiser_device)
+        self._mirror = StateMirror(denoiser_device) if denoiser_device != context_device else None
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], capacity: int):
+        """Each row alone (prompts differ in length), then one batched state.
+        Returns (state, fp32 logits of each row's last prompt token [B, V] or None for empty prompts)."""
+        rows, last = [], []
+        for prompt in prompts:
+            state = towers.empty_state(self.cfg, 1, capacity, self.dtype, self.context_device)
+            if prompt:
+                ids = torch.tensor([prompt], device=self.context_device)
+                hidden, state = towers.forward_layers(self.ctx_ops, self.cfg, self.ctx_weights, ids, state,
+                                                      causal=True, commit=True)
+                last.append(self.ctx_ops.logits(hidden[:, -1], self.ctx_weights["lm_head"]))
+            rows.append(state)
+        logits = torch.cat(last) if len(last) == len(prompts) else None
+        return (rows[0] if len(rows) == 1 else towers.stack_states(rows, capacity)), logits
+
+    @torch.inference_mode()
+    def extend(self, state, tokens: torch.Tensor, logits: bool):
+        """tokens [B, L] -> (fp32 logits [B, L, V] or None, new state)."""
+        return towers.context_forward(self.ctx_ops, self.cfg, self.ctx_weights, state, tokens, logits=logits)
+
+    @torch.inference_mode()
+    def denoise(self, state, block: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        """block [B, L], t [B] (None: mock-AR, no time conditioning) -> fp32 logits [B, L, V]."""
+        if self._mirror is not None:
+            state = self._mirror.update(state)
+        return towers.denoise(self.den_ops, self.cfg, self.den_weights, state, block, t)
+
+    def select(self, state, rows: list[int]):
+        return towers.select_rows(state, rows)
