@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from conftest import load_towers
-from hf_reference import transformers_context_model
+from trtllm_twotower.hf_reference import transformers_context_model
 from trtllm_twotower.network import towers
 from trtllm_twotower.network.ops import TorchOps
 

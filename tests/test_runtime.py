@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_reference import transformers_context_model
+from trtllm_twotower.hf_reference import transformers_context_model
 from trtllm_twotower.config import load_config
 from trtllm_twotower.demo import DEMO_CONFIG, demo_tensors, write_checkpoint
 from trtllm_twotower.network import towers

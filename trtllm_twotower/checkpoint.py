@@ -16,7 +16,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -280,15 +280,29 @@ def load_tower_weights(
     layout: str | None = None,
     on_disk: dict[str, str] | None = None,
 ) -> dict:
-    """Read one tower's tensors one at a time, cast to ``dtype`` (fp32 for the always-fp32 ones)
-    and place them on ``device``. Per-expert matrices land in preallocated stacks:
-    ``experts_up`` [E, I, H], ``experts_down`` [E, H, I]. Conv weights are squeezed to [C, W]."""
+    """Read one tower's tensors from a checkpoint, one at a time (see ``assemble_tower_weights``)."""
     if on_disk is None:
         layout, on_disk = resolve_keys(reader, cfg, (tower,))
+    return assemble_tower_weights(cfg, tower, layout, lambda spec: reader.read(on_disk[spec.key]), dtype, device)
+
+
+def assemble_tower_weights(
+    cfg: TwoTowerConfig,
+    tower: str,
+    layout: str,
+    fetch: Callable[[TensorSpec], torch.Tensor],
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """The torch backend's weights tree for one tower, fetching one tensor at a time.
+
+    Each tensor is cast to ``dtype`` (fp32 for the always-fp32 ones) and placed on ``device``.
+    Per-expert matrices land in preallocated stacks: ``experts_up`` [E, I, H], ``experts_down``
+    [E, H, I]. Conv weights are squeezed to [C, W]; the denoiser's tables stacked to [layers, 3, D]."""
     weights: dict = {"layers": [dict() for _ in range(cfg.num_layers)], "scale_shift": [None] * cfg.num_layers}
     E = cfg.n_routed_experts
     for spec in tower_tensor_specs(cfg, layout, tower):
-        tensor = reader.read(on_disk[spec.key]).to(torch.float32 if spec.fp32 else dtype)
+        tensor = fetch(spec).to(torch.float32 if spec.fp32 else dtype)
         if spec.slot[-1] == "conv_weight":
             tensor = tensor.squeeze(1)
         node = weights

@@ -71,10 +71,15 @@ DEMO_CONFIG = {
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<mask>"]  # ids 0..3
 
 
-def _init_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """A random value at the scale the real layer has (fp32; the caller casts)."""
+def init_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """A random value at the scale the real layer has (fp32 on the generator's device; the caller casts)."""
+    device = gen.device
+
     def uniform(lo, hi):
-        return lo + (hi - lo) * torch.rand(shape, generator=gen)
+        return lo + (hi - lo) * torch.rand(shape, generator=gen, device=device)
+
+    def normal():
+        return torch.randn(shape, generator=gen, device=device)
 
     if key.endswith("A_log"):
         return torch.log(uniform(1.0, 16.0))
@@ -84,17 +89,17 @@ def _init_tensor(key: str, shape: tuple[int, ...], gen: torch.Generator) -> torc
     if key.endswith(".D"):
         return uniform(0.5, 1.5)
     if key.endswith("e_score_correction_bias"):
-        return 0.01 * torch.randn(shape, generator=gen)
+        return 0.01 * normal()
     if key.endswith("norm.weight") or key.endswith("norm_f.weight"):
-        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        return 1.0 + 0.1 * normal()
     if key.startswith("scale_shift_tables"):
-        return torch.randn(shape, generator=gen) / math.sqrt(shape[-1])
+        return normal() / math.sqrt(shape[-1])
     if key.endswith("bias"):
-        return 0.02 * torch.randn(shape, generator=gen)
+        return 0.02 * normal()
     if key.endswith("embeddings.weight"):
-        return torch.randn(shape, generator=gen)
+        return normal()
     fan_in = shape[-1]
-    return torch.randn(shape, generator=gen) / math.sqrt(fan_in)
+    return normal() / math.sqrt(fan_in)
 
 
 def demo_tensors(cfg, seed: int) -> dict[str, torch.Tensor]:
@@ -105,7 +110,7 @@ def demo_tensors(cfg, seed: int) -> dict[str, torch.Tensor]:
         for spec in tower_tensor_specs(cfg, TWOTOWER, tower):
             if spec.key in tensors:
                 continue
-            value = _init_tensor(spec.key, spec.shape, gen)
+            value = init_tensor(spec.key, spec.shape, gen)
             tensors[spec.key] = value if spec.fp32 else value.to(torch.bfloat16)
     return tensors
 

@@ -1,4 +1,5 @@
-"""transformers' NemotronHForCausalLM on our context-tower weights: the external reference."""
+"""transformers' NemotronHForCausalLM on our context-tower weights: the external reference
+(tests) and the AR baseline (bench). Needs transformers >= 5 (NemotronH)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,25 @@ from pathlib import Path
 import torch
 
 
-def transformers_context_model(checkpoint_dir: Path, ctx_weights: dict):
-    """An fp32 transformers NemotronH holding the context tower of ``checkpoint_dir``.
+def transformers_context_model(checkpoint_dir: Path, ctx_weights: dict, dtype: torch.dtype = torch.float32):
+    """A transformers NemotronH holding the context tower of ``checkpoint_dir``.
 
     The mixers' dt clamp is lifted to (0, inf): transformers 5.x clamps dt at time_step_min in its
     multi-token path only (spec §9.7); R3, which we follow, does not clamp."""
+    raw = json.loads((Path(checkpoint_dir) / "config.json").read_text())
+    return transformers_model_from_config(raw, ctx_weights, dtype)
+
+
+def transformers_model_from_config(raw: dict, ctx_weights: dict, dtype: torch.dtype = torch.float32):
+    """Same, from a parsed config.json (official form). The model's parameters ARE our tensors
+    (``assign=True``, no copy) when ``dtype`` matches theirs, so a 63 GB tower is not held twice."""
     from transformers import NemotronHConfig, NemotronHForCausalLM
 
-    raw = json.loads((Path(checkpoint_dir) / "config.json").read_text())
-    raw.pop("architectures", None)
+    raw = {k: v for k, v in raw.items() if k != "architectures"}
     config = NemotronHConfig(**raw)
     config._attn_implementation = "eager"
-    model = NemotronHForCausalLM(config).float().eval()
+    with torch.device("meta"):
+        model = NemotronHForCausalLM(config)
     for layer in model.model.layers:
         if hasattr(layer.mixer, "time_step_limit"):
             layer.mixer.time_step_limit = (0.0, float("inf"))
@@ -41,7 +49,11 @@ def transformers_context_model(checkpoint_dir: Path, ctx_weights: dict):
                 state[f"model.layers.{i}.mixer.conv1d.weight"] = tensor.unsqueeze(1)
             else:
                 state[f"model.layers.{i}.{names[slot]}"] = tensor
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    assert not unexpected, unexpected
-    assert not missing, missing
-    return model
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False,
+                                                 assign=True)
+    if missing or unexpected:
+        raise KeyError(f"transformers NemotronH weight map: missing {missing}, unexpected {unexpected}")
+    meta = [name for name, b in model.named_buffers() if b.is_meta]
+    if meta:
+        raise KeyError(f"transformers NemotronH buffers left uninitialised: {meta}")
+    return model.eval()
