@@ -41,6 +41,8 @@ class TorchOps:
         self.dtype = dtype
         self.device = torch.device(device)
         self.trace = trace
+        # grouped GEMMs: CPU in any dtype; CUDA kernels take bf16 only
+        self._grouped_mm = hasattr(torch, "_grouped_mm") and (self.device.type == "cpu" or dtype == torch.bfloat16)
         self._block_attention = reference.block_attention_ref
         self._mamba_scan = reference.seeded_mamba_scan_ref
         if self.device.type == "cuda":
@@ -168,21 +170,40 @@ class TorchOps:
     def moe_experts(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
                     up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         """Routed relu^2 experts. x [B, L, H]; idx, weights [n, k]; up [E, I, H]; down [E, H, I].
-        Outputs are summed in fp32 in ascending expert order, then rounded once (spec §3)."""
+
+        Grouped GEMMs over the (token, slot) pairs sorted by expert, no host synchronisation; each
+        token's k outputs are then summed in fp32 in ascending expert order and rounded once, as
+        ``moe_experts_ref`` (the spec's loop, and the fallback without ``torch._grouped_mm``)."""
         self._op("moe_experts")
+        if not self._grouped_mm:
+            return moe_experts_ref(x, idx, weights, up, down)
         tokens = x.reshape(-1, x.shape[-1])  # [n, H]
-        acc = torch.zeros(tokens.shape, dtype=torch.float32, device=x.device)
-        flat = idx.reshape(-1)
-        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, ascending
-        counts = torch.bincount(flat, minlength=up.shape[0]).tolist()
-        start = 0
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            pairs = order[start : start + count]
-            start += count
-            rows = pairs // idx.shape[1]
-            a = torch.relu(F.linear(tokens[rows], up[e])).square()
-            out = F.linear(a, down[e]).float() * weights.reshape(-1)[pairs, None]
-            acc.index_add_(0, rows, out)
+        n, k = idx.shape
+        idx, slot_order = idx.sort(dim=-1)  # each token's experts ascending
+        weights = weights.gather(-1, slot_order)
+        flat = idx.reshape(-1)  # [n*k]
+        order = torch.argsort(flat, stable=True)  # pairs grouped by expert
+        offsets = torch.bincount(flat, minlength=up.shape[0]).cumsum(0).to(torch.int32)  # [E] group ends
+        rows = tokens[order // k]  # [n*k, H]
+        a = torch.relu(torch._grouped_mm(rows, up.transpose(-2, -1), offs=offsets)).square()  # [n*k, I]
+        y = torch._grouped_mm(a, down.transpose(-2, -1), offs=offsets)  # [n*k, H], rounded like F.linear
+        contrib = torch.empty((n * k, x.shape[-1]), dtype=torch.float32, device=x.device)
+        contrib[order] = y.float() * weights.reshape(-1)[order, None]
+        contrib = contrib.view(n, k, -1)
+        acc = contrib[:, 0]
+        for j in range(1, k):  # ascending expert order, one fp32 add at a time
+            acc = acc + contrib[:, j]
         return acc.to(x.dtype).reshape(x.shape)
+
+
+def moe_experts_ref(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: torch.Tensor,
+                    down: torch.Tensor) -> torch.Tensor:
+    """The spec's MoE loop (§3): for each expert in ascending id, its tokens through
+    up -> relu^2 -> down, scaled by the routing weight and added to an fp32 accumulator."""
+    tokens = x.reshape(-1, x.shape[-1])  # [n, H]
+    acc = torch.zeros(tokens.shape, dtype=torch.float32, device=x.device)
+    for e in torch.unique(idx).tolist():
+        rows, slots = torch.nonzero(idx == e, as_tuple=True)  # ascending token order
+        a = torch.relu(F.linear(tokens[rows], up[e])).square()
+        acc.index_add_(0, rows, F.linear(a, down[e]).float() * weights[rows, slots, None])
+    return acc.to(x.dtype).reshape(x.shape)
