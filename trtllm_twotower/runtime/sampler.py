@@ -133,13 +133,13 @@ def generate_diffusion(executor, prompts: list[list[int]], s: SamplerSettings, g
         x = torch.full((len(active), L), s.mask_token_id, dtype=torch.long, device=executor.denoiser_device)
         row_gens = [generators[r] for r in active]
         for step in range(s.steps_per_block):
-            n = (x == s.mask_token_id).sum(-1)
-            if int(n.max()) == 0:
+            n = (x == s.mask_token_id).sum(-1)  # [B] masked per row
+            masked_rows = n.tolist()  # the step's one host synchronisation
+            if max(masked_rows) == 0:
                 break
-            t = n.float() / L  # masked fraction per row
-            logits = executor.denoise(state, x, t)
+            logits = executor.denoise(state, x, n.float() / L)  # t = masked fraction per row
             for i, r in enumerate(active):
-                outputs[r].steps += int(n[i] > 0)
+                outputs[r].steps += masked_rows[i] > 0
             x, _ = commit_step(x, logits, s.mask_token_id, step, s.steps_per_block, s.confidence_threshold,
                                s.temperature, row_gens)
         block = x.to(executor.context_device)
