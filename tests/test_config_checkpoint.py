@@ -54,6 +54,8 @@ def test_transformers5_form_equals_official_form():
     ({"mask_token_id": 2}, "mask_token_id: equals eos_token_id"),
     ({"eos_token_id": 999}, "eos_token_id: 999 is outside the vocabulary"),
     ({"mlp_hidden_act": "gelu"}, "mlp_hidden_act"),
+    ({"residual_in_fp32": True}, "residual_in_fp32"),
+    ({"time_step_limit": [0.001, 1.0]}, "time_step_limit"),
 ])
 def test_bad_config_names_the_field(change, field):
     raw = {**DEMO_CONFIG, **change}

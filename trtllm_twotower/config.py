@@ -234,6 +234,8 @@ def _validate(cfg: TwoTowerConfig, raw: dict[str, Any]) -> None:
         raise ConfigError(f"mlp_hidden_act: only 'relu2' is supported, got {raw['mlp_hidden_act']!r}")
     if raw.get("attention_bias", False) or raw.get("mlp_bias", False) or raw.get("use_bias", False):
         raise ConfigError("attention_bias/mlp_bias/use_bias: biases are not part of this model; must be false")
+    if raw.get("residual_in_fp32", False):
+        raise ConfigError("residual_in_fp32: the residual stream of this model is bf16; true is not supported")
     if raw.get("moe_latent_size") is not None:
         raise ConfigError("moe_latent_size: latent MoE projections are not part of this model; must be null")
     limit = raw.get("time_step_limit", [0.0, float("inf")])
