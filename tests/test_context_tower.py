@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import load_towers
@@ -15,21 +16,23 @@ def _prompt(cfg, length, seed):
     return torch.randint(4, cfg.vocab_size, (1, length), generator=gen)
 
 
-def test_matches_transformers_nemotron_h_fp32(all_kinds_dir):
-    """Full-prompt logits equal transformers' NemotronHForCausalLM (prompt 29 > chunk size 8,
-    pattern with M, *, E and -). Tolerance: 1e-4 of the logit scale."""
+@pytest.mark.parametrize("length", [29, 150])
+def test_matches_transformers_nemotron_h_fp32(all_kinds_dir, length):
+    """Full-prompt logits equal transformers' NemotronHForCausalLM (prompts longer than the chunk
+    size 8; 150 tokens also takes our chunked scan; pattern with M, *, E and -).
+    Tolerance: 1e-4 of the logit scale."""
     cfg, ctx, _ = load_towers(all_kinds_dir)
-    assert set("M*E-") <= set(cfg.layer_pattern) and cfg.chunk_size < 29
+    assert set("M*E-") <= set(cfg.layer_pattern) and cfg.chunk_size < length
     model = transformers_context_model(all_kinds_dir, ctx)
-    ids = _prompt(cfg, 29, seed=11)
+    ids = _prompt(cfg, length, seed=11)
     with torch.no_grad():
         expected = model(ids).logits.float()
     ops = TorchOps(torch.float32)
-    logits, state = towers.context_forward(ops, cfg, ctx, towers.empty_state(cfg, 1, 64, torch.float32, "cpu"), ids)
+    logits, state = towers.context_forward(ops, cfg, ctx, towers.empty_state(cfg, 1, 160, torch.float32, "cpu"), ids)
     scale = expected.abs().max().item()
     assert logits.shape == expected.shape
     assert (logits - expected).abs().max().item() <= 1e-4 * scale
-    assert int(state.lengths[0]) == 29
+    assert int(state.lengths[0]) == length
 
 
 def test_transformers_greedy_generate_matches_cached_decode(all_kinds_dir):

@@ -22,6 +22,10 @@ from ..plugins import reference
 
 log = logging.getLogger(__name__)
 
+# The torch scan switches from the per-token recurrence to the chunked SSD form at this many new
+# tokens (prefills); blocks (16) and decode steps (1) stay sequential. Both are fp32.
+SCAN_CHUNK = 64
+
 OP_NAMES = (
     "embedding", "linear", "rms_norm", "gated_rms_norm", "split", "split_heads", "merge_heads",
     "add", "mul", "silu", "relu2", "modulate", "timestep_embedding", "block_attention",
@@ -44,7 +48,7 @@ class TorchOps:
         # grouped GEMMs: CPU in any dtype; CUDA kernels take bf16 only
         self._grouped_mm = hasattr(torch, "_grouped_mm") and (self.device.type == "cpu" or dtype == torch.bfloat16)
         self._block_attention = reference.block_attention_ref
-        self._mamba_scan = reference.seeded_mamba_scan_ref
+        self._mamba_scan = _torch_mamba_scan
         if self.device.type == "cuda":
             from ..plugins import kernels
 
@@ -194,6 +198,14 @@ class TorchOps:
         for j in range(1, k):  # ascending expert order, one fp32 add at a time
             acc = acc + contrib[:, j]
         return acc.to(x.dtype).reshape(x.shape)
+
+
+def _torch_mamba_scan(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state, n_groups, head_dim):
+    if xbc.shape[1] >= SCAN_CHUNK:
+        return reference.seeded_mamba_scan_chunked(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state,
+                                                   ssm_state, n_groups, head_dim, chunk_size=SCAN_CHUNK)
+    return reference.seeded_mamba_scan_ref(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state,
+                                           ssm_state, n_groups, head_dim)
 
 
 def moe_experts_ref(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: torch.Tensor,

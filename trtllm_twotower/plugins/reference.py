@@ -87,18 +87,35 @@ def seeded_mamba_scan_ref(
     state [B, H, P, N]. The inputs are not modified; the denoiser simply drops the new states.
     Head h reads group h // (H // G). The conv is seeded with the last W-1 columns of conv_state.
     """
+    B, L, _ = xbc.shape
+    x, Bm, Cm, dt, A, new_conv_state = _conv_and_params(xbc, dt, conv_weight, conv_bias, dt_bias, A_log,
+                                                       conv_state, n_groups, head_dim)
+    # 3. sequential recurrence: S = exp(dt A) S + dt x ⊗ B; y = S C + D x
+    state = ssm_state.float().clone()  # [B, H, P, N]
+    ys = []
+    for t in range(L):
+        decay = torch.exp(dt[:, t] * A)  # [B, H]
+        state = decay[:, :, None, None] * state + (dt[:, t, :, None] * x[:, t])[..., None] * Bm[:, t, :, None, :]
+        ys.append(torch.einsum("bhpn,bhn->bhp", state, Cm[:, t]) + D.float()[None, :, None] * x[:, t])
+    y = torch.stack(ys, dim=1).reshape(B, L, -1) if L else x.reshape(B, 0, -1)
+    # 4. one rounding of y to the compute dtype
+    return y.to(xbc.dtype), new_conv_state, state
+
+
+def _conv_and_params(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, conv_state, n_groups: int, head_dim: int):
+    """Steps 1-2 shared by both scan forms: the seeded conv + SiLU (one rounding to xbc's dtype) and
+    the fp32 scan parameters. Returns x [B, L, H, P], B and C [B, L, H, N] (expanded per head),
+    dt [B, L, H], A [H], and the new conv state [B, C, W]."""
     B, L, C = xbc.shape
     W = conv_weight.shape[1]
     H = dt.shape[2]
-    P = head_dim
-    G = n_groups
+    P, G = head_dim, n_groups
     N = (C - H * P) // (2 * G)
-    out_dtype = xbc.dtype
     # 1. depthwise causal conv over [W-1 seed columns ‖ L new columns], fp32 accumulate, SiLU, one rounding
     seq = torch.cat([conv_state[:, :, 1:].float(), xbc.transpose(1, 2).float()], dim=2)  # [B, C, W-1+L]
     windows = seq.unfold(2, W, 1)  # [B, C, L, W]
     conv = (windows * conv_weight.float()[None, :, None, :]).sum(-1) + conv_bias.float()[None, :, None]
-    xbc_conv = F.silu(conv).to(out_dtype).transpose(1, 2)  # [B, L, C]
+    xbc_conv = F.silu(conv).to(xbc.dtype).transpose(1, 2)  # [B, L, C]
     new_conv_state = torch.cat([conv_state, xbc.transpose(1, 2).to(conv_state.dtype)], dim=2)[:, :, -W:]
     # 2. split into x [B, L, H, P], B and C [B, L, G, N]; dt = softplus(dt + dt_bias) in fp32
     x, Bm, Cm = torch.split(xbc_conv.float(), [H * P, G * N, G * N], dim=-1)
@@ -107,13 +124,48 @@ def seeded_mamba_scan_ref(
     Cm = Cm.reshape(B, L, G, N).repeat_interleave(H // G, dim=2)
     dt = F.softplus(dt.float() + dt_bias.float())  # [B, L, H]; softplus passes the raw value above 20
     A = -torch.exp(A_log.float())  # [H]
-    # 3. sequential recurrence: S = exp(dt A) S + dt x ⊗ B; y = S C + D x
-    state = ssm_state.float().clone()  # [B, H, P, N]
-    ys = []
-    for t in range(L):
-        decay = torch.exp(dt[:, t] * A)  # [B, H]
-        state = decay[:, :, None, None] * state + (dt[:, t, :, None] * x[:, t])[..., None] * Bm[:, t, :, None, :]
-        ys.append(torch.einsum("bhpn,bhn->bhp", state, Cm[:, t]) + D.float()[None, :, None] * x[:, t])
-    y = torch.stack(ys, dim=1).reshape(B, L, H * P) if L else x.reshape(B, 0, H * P)
-    # 4. one rounding of y to the compute dtype
-    return y.to(out_dtype), new_conv_state, state
+    return x, Bm, Cm, dt, A, new_conv_state
+
+
+def _segsum(a: torch.Tensor) -> torch.Tensor:
+    """a [..., T] -> [..., T, T]: out[i, j] = sum(a[j+1 .. i]) for j <= i, -inf above the diagonal
+    (the stable form: cumsum of a masked copy, not a difference of cumsums)."""
+    T = a.shape[-1]
+    a = a[..., None].expand(*a.shape, T)  # [..., T, T]: a[..., i, j] = a_i
+    below = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=-1)
+    out = torch.cumsum(a.masked_fill(~below, 0), dim=-2)
+    return out.masked_fill(~torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device)), float("-inf"))
+
+
+def seeded_mamba_scan_chunked(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
+                              n_groups: int, head_dim: int, chunk_size: int = 128):
+    """The same function as ``seeded_mamba_scan_ref``, in the chunked SSD form (Mamba2 paper,
+    Listing 1, with an initial state): a few large einsums instead of one step per token, so long
+    prefills are fast on the torch path. fp32 throughout; differs from the sequential form by fp32
+    rounding only (checked in tests with large, non-zero initial states)."""
+    B, L, _ = xbc.shape
+    x, Bm, Cm, dt, A, new_conv_state = _conv_and_params(xbc, dt, conv_weight, conv_bias, dt_bias, A_log,
+                                                       conv_state, n_groups, head_dim)
+    pad = -L % chunk_size  # zero dt on padding: decay 1, no input, state unchanged
+    X = F.pad(x * dt[..., None], (0, 0, 0, 0, 0, pad))  # [B, T, H, P]
+    dA = F.pad(dt * A, (0, 0, 0, pad))  # [B, T, H]
+    Bp, Cp = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (Bm, Cm))  # [B, T, H, N]
+    c = (L + pad) // chunk_size
+    X, Bp, Cp = (t.reshape(B, c, chunk_size, *t.shape[2:]) for t in (X, Bp, Cp))  # [B, c, l, H, .]
+    dA = dA.reshape(B, c, chunk_size, -1).permute(0, 3, 1, 2)  # [B, H, c, l]
+    dA_cumsum = torch.cumsum(dA, dim=-1)
+    # 1. intra-chunk outputs (diagonal blocks)
+    decay = torch.exp(_segsum(dA))  # [B, H, c, l, l]
+    y_diag = torch.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Cp, Bp, decay, X)
+    # 2. each chunk's own final state
+    decay_states = torch.exp(dA_cumsum[..., -1:] - dA_cumsum)  # [B, H, c, l]
+    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bp, decay_states, X)  # [B, c, H, P, N]
+    # 3. inter-chunk recurrence, seeded with the initial state
+    states = torch.cat([ssm_state.float()[:, None], states], dim=1)  # [B, c+1, H, P, N]
+    decay_chunk = torch.exp(_segsum(F.pad(dA_cumsum[..., -1], (1, 0))))  # [B, H, c+1, c+1]
+    states = torch.einsum("bhzc,bchpn->bzhpn", decay_chunk, states)
+    states, final_state = states[:, :-1], states[:, -1]
+    # 4. state -> output, plus the D skip
+    y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cp, states, torch.exp(dA_cumsum))
+    y = (y_diag + y_off).reshape(B, c * chunk_size, *x.shape[2:])[:, :L] + D.float()[None, None, :, None] * x
+    return y.reshape(B, L, -1).to(xbc.dtype), new_conv_state, final_state
