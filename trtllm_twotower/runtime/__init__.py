@@ -1,5 +1,5 @@
 """Runtime: executors behind one interface, the sampler, and the Python API."""
 
-from .api import BlockEvent, GenerationResult, TwoTowerRuntime
+from .api import BlockEvent, GenerationResult, PreparedRequest, TwoTowerRuntime
 
-__all__ = ["BlockEvent", "GenerationResult", "TwoTowerRuntime"]
+__all__ = ["BlockEvent", "GenerationResult", "PreparedRequest", "TwoTowerRuntime"]

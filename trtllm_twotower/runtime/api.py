@@ -70,6 +70,29 @@ def parse_device(name: str, argument: str) -> torch.device:
     return device
 
 
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated, tokenized request. Requests with equal ``mode`` and ``settings`` can run as one
+    batch (``merge``): every row keeps its own seed, so its tokens do not change."""
+
+    mode: str
+    prompt_ids: list[list[int]]
+    settings: sampler.SamplerSettings
+    seeds: list[int]
+
+    @property
+    def batch_key(self) -> tuple:
+        return (self.mode, self.settings)
+
+    @staticmethod
+    def merge(requests: list["PreparedRequest"]) -> "PreparedRequest":
+        first = requests[0]
+        if any(r.batch_key != first.batch_key for r in requests):
+            raise ValueError("merge: requests differ in mode or sampler settings")
+        return PreparedRequest(first.mode, [p for r in requests for p in r.prompt_ids], first.settings,
+                               [s for r in requests for s in r.seeds])
+
+
 class _TextStream:
     """Per-row incremental decoding: deltas whose concatenation is the final text. A trailing
     partial UTF-8 character (decoded as U+FFFD) is held back until its bytes arrive."""
@@ -157,34 +180,36 @@ class TwoTowerRuntime:
             ids.append(tokens)
         return ids
 
-    def generate(self, prompts, max_new_tokens: int = 64, mode: str = "diffusion", block_size: int = 16,
-                 steps_per_block: int = 16, confidence_threshold: float = 0.8, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, seed: int | Sequence[int] = 0,
-                 eos_token_id: int | None = -1, mask_token_id: int | None = None,
-                 on_block: Callable[[BlockEvent], None] | None = None) -> GenerationResult:
-        """Generate for one prompt or a batch. ``eos_token_id=-1`` (default) takes the checkpoint's;
-        None never stops early. ``seed``: one for every row, or one per row (each row has its own
-        generator, so a row's tokens do not depend on the rest of the batch)."""
+    def prepare(self, prompts, max_new_tokens: int = 64, mode: str = "diffusion", block_size: int = 16,
+                steps_per_block: int = 16, confidence_threshold: float = 0.8, temperature: float = 0.0,
+                top_k: int = 0, top_p: float = 1.0, seed: int | Sequence[int] = 0,
+                eos_token_id: int | None = -1, mask_token_id: int | None = None) -> "PreparedRequest":
+        """Validate and tokenize; raises ValueError naming the bad parameter. See ``generate``."""
         prompt_ids = self._prompt_ids(prompts)
         eos = self.cfg.eos_token_id if eos_token_id == -1 else eos_token_id
         mask = self.cfg.mask_token_id if mask_token_id is None else mask_token_id
         settings = sampler.SamplerSettings(max_new_tokens, block_size, steps_per_block, confidence_threshold,
                                            temperature, top_k, top_p, mask, eos)
         self._validate(mode, settings, prompt_ids)
-        seeds = [seed] * len(prompt_ids) if isinstance(seed, int) else list(seed)
-        if len(seeds) != len(prompt_ids) or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        seeds = [seed] * len(prompt_ids) if isinstance(seed, int) and not isinstance(seed, bool) else seed
+        if (not isinstance(seeds, Sequence) or len(seeds) != len(prompt_ids)
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
             raise ValueError(f"seed: expected a non-negative int or one per prompt ({len(prompt_ids)}), got {seed!r}")
-        # draws happen where the logits are: the context device in AR mode, the denoiser's otherwise
-        device = self.executor.context_device if mode == "ar" else self.executor.denoiser_device
-        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+        return PreparedRequest(mode, prompt_ids, settings, list(seeds))
 
-        stream = _TextStream(self.tokenizer, len(prompt_ids))
+    def run(self, request: "PreparedRequest", on_block: Callable[[BlockEvent], None] | None = None) -> GenerationResult:
+        """Generate for a prepared (validated) request."""
+        # draws happen where the logits are: the context device in AR mode, the denoiser's otherwise
+        device = self.executor.context_device if request.mode == "ar" else self.executor.denoiser_device
+        generators = [torch.Generator(device=device).manual_seed(s) for s in request.seeds]
+        stream = _TextStream(self.tokenizer, len(request.prompt_ids))
         on_commit = None
         if on_block is not None:
             def on_commit(c: sampler.BlockCommit) -> None:
                 on_block(BlockEvent(c.row, c.token_ids, stream.push(c.row, c.token_ids, c.finished), c.finished))
 
-        outputs, seconds = sampler.run(mode, self.executor, prompt_ids, settings, generators, on_commit)
+        outputs, seconds = sampler.run(request.mode, self.executor, request.prompt_ids, request.settings,
+                                       generators, on_commit)
         tokens = [o.tokens for o in outputs]
         steps = [o.steps for o in outputs]
         return GenerationResult(
@@ -194,6 +219,19 @@ class TwoTowerRuntime:
             tokens_per_step=sum(map(len, tokens)) / max(1, sum(steps)),
             seconds=seconds,
         )
+
+    def generate(self, prompts, max_new_tokens: int = 64, mode: str = "diffusion", block_size: int = 16,
+                 steps_per_block: int = 16, confidence_threshold: float = 0.8, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | Sequence[int] = 0,
+                 eos_token_id: int | None = -1, mask_token_id: int | None = None,
+                 on_block: Callable[[BlockEvent], None] | None = None) -> GenerationResult:
+        """Generate for one prompt or a batch. ``eos_token_id=-1`` (default) takes the checkpoint's;
+        None never stops early. ``seed``: one for every row, or one per row (each row has its own
+        generator, so a row's tokens do not depend on the rest of the batch). ``on_block`` receives
+        a BlockEvent per committed block and row (per token in AR / mock-AR)."""
+        request = self.prepare(prompts, max_new_tokens, mode, block_size, steps_per_block, confidence_threshold,
+                               temperature, top_k, top_p, seed, eos_token_id, mask_token_id)
+        return self.run(request, on_block)
 
     def _validate(self, mode: str, s: sampler.SamplerSettings, prompt_ids: list[list[int]]) -> None:
         if mode not in sampler.MODES:

@@ -91,7 +91,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
     return torch.stack([torch.multinomial(probs[b], 1, generator=g)[0] for b, g in enumerate(generators)])
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplerSettings:
     max_new_tokens: int
     block_size: int

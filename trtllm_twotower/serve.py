@@ -1,0 +1,210 @@
+"""Start a Triton Inference Server on a model repository, on loopback.
+
+Uses the ``tritonserver`` binary bundled in ``nvidia-pytriton`` (Triton 2.51, python backend only;
+runs on CPU) with the environment it needs: the interpreter's own libpython first on
+LD_LIBRARY_PATH, the wheel's vendored libraries, the python-backend stub for this Python next to
+``libtriton_python.so``, this venv's ``bin`` first on PATH, a unique shared-memory prefix.
+
+    python -m trtllm_twotower.serve --http-port 8000 --grpc-port 8001 [--checkpoint-dir DIR]
+
+In a stock Triton container use its own ``tritonserver --model-repository triton_model_repo`` instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_REPOSITORY = REPO_ROOT / "triton_model_repo"
+
+
+class ServeError(RuntimeError):
+    """The server could not be prepared or started; the message says what is missing."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pytriton_dirs() -> tuple[Path, Path]:
+    """(tritonserver dir inside the wheel, its vendored libraries)."""
+    try:
+        import pytriton
+    except ImportError as err:
+        raise ServeError("nvidia-pytriton is not installed: pip install 'trtllm-twotower[triton]'") from err
+    site = Path(pytriton.__file__).resolve().parents[1]
+    server_dir = site / "pytriton" / "tritonserver"
+    if not (server_dir / "bin" / "tritonserver").is_file():
+        raise ServeError(f"no tritonserver binary in {server_dir} (nvidia-pytriton 0.7.0 ships one)")
+    return server_dir, site / "nvidia_pytriton.libs"
+
+
+def copy_model_repository(source: Path, destination: Path, parameters: dict[str, str]) -> Path:
+    """A copy of ``source`` with the given ``parameters`` of every model's config.pbtxt replaced
+    (one ``parameters: { key: ... }`` entry per line, as the committed config writes them)."""
+    shutil.copytree(source, destination, ignore=shutil.ignore_patterns("__pycache__"))
+    for config in destination.glob("*/config.pbtxt"):
+        text = config.read_text()
+        for key, value in parameters.items():
+            pattern = re.compile(r'(key: "%s" value: \{ string_value: )"[^"]*"' % re.escape(key))
+            if not pattern.search(text):
+                raise ServeError(f"{config}: no parameter {key!r} to set")
+            text = pattern.sub(lambda m: m.group(1) + '"' + str(value).replace('"', '\\"') + '"', text)
+        config.write_text(text)
+    return destination
+
+
+class TritonServer:
+    """A tritonserver process on loopback; stop it with ``stop()`` (SIGTERM to its own PID)."""
+
+    def __init__(self, model_repository: str | Path = DEFAULT_REPOSITORY, http_port: int | None = None,
+                 grpc_port: int | None = None, log_verbose: int = 0, startup_timeout: float = 180.0,
+                 log_file: str | Path | None = None):
+        self.model_repository = Path(model_repository).resolve()
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.log_verbose = log_verbose
+        self.startup_timeout = startup_timeout
+        self.log_file = Path(log_file) if log_file else None  # None: the server logs to our stdout/stderr
+        self.shm_prefix = f"twotower_{uuid.uuid4().hex[:12]}_"
+        self.process: subprocess.Popen | None = None
+        self._backend_dir: Path | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def _environment_and_backends(self) -> dict:
+        server_dir, libs = _pytriton_dirs()
+        libdir = sysconfig.get_config_var("LIBDIR")
+        if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+            raise ServeError(f"{sys.executable} has no shared libpython: the python backend stub cannot embed it")
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = server_dir / "python_backend_stubs" / version / "triton_python_backend_stub"
+        if not stub.is_file():
+            raise ServeError(f"nvidia-pytriton has no python backend stub for Python {version}")
+        self._backend_dir = Path(tempfile.mkdtemp(prefix="twotower_backends_"))
+        python_backend = self._backend_dir / "python"
+        python_backend.mkdir()
+        for f in (server_dir / "backends" / "python" / "libtriton_python.so",
+                  server_dir / "backends" / "python" / "triton_python_backend_utils.py", stub):
+            shutil.copy2(f, python_backend / f.name)
+        env = dict(os.environ)
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, str(libs), env.get("LD_LIBRARY_PATH")) if p)
+        return env
+
+    def start(self) -> "TritonServer":
+        env = self._environment_and_backends()
+        server_dir, _ = _pytriton_dirs()
+        cmd = [str(server_dir / "bin" / "tritonserver"), f"--model-repository={self.model_repository}",
+               f"--backend-directory={self._backend_dir}",
+               f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+               "--http-address=127.0.0.1", f"--http-port={self.http_port}",
+               "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
+               "--allow-metrics=false", "--exit-timeout-secs=10", f"--log-verbose={self.log_verbose}"]
+        log = open(self.log_file, "ab") if self.log_file else None
+        try:
+            self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
+        finally:
+            if log is not None:
+                log.close()
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                code = self.process.returncode
+                self.stop()
+                where = self.log_file or "its log above"
+                raise ServeError(f"tritonserver exited with code {code} while starting (see {where})")
+            try:
+                with urllib.request.urlopen(f"http://{self.url}/v2/health/ready", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise ServeError(f"tritonserver not ready after {self.startup_timeout:.0f} s")
+
+    def stop(self) -> None:
+        """SIGTERM to our own PID, then wait; remove our backend dir and any shm region we left."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._backend_dir is not None:
+            shutil.rmtree(self._backend_dir, ignore_errors=True)
+            self._backend_dir = None
+        for leftover in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+            leftover.unlink(missing_ok=True)
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-repository", default=str(DEFAULT_REPOSITORY))
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--checkpoint-dir", default=None, help="sets the twotower model's checkpoint_dir parameter")
+    p.add_argument("--engine-dir", default=None, help="sets engine_dir and backend=trt")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    p.add_argument("--log-verbose", type=int, default=0)
+    args = p.parse_args(argv)
+    overrides = {"project_root": str(REPO_ROOT)}
+    if args.checkpoint_dir:
+        overrides["checkpoint_dir"] = str(Path(args.checkpoint_dir).resolve())
+    if args.engine_dir:
+        overrides.update(engine_dir=str(Path(args.engine_dir).resolve()), backend="trt")
+    if args.dtype:
+        overrides["dtype"] = args.dtype
+    with tempfile.TemporaryDirectory(prefix="twotower_repo_") as tmp:
+        try:
+            repo = copy_model_repository(Path(args.model_repository), Path(tmp) / "repo", overrides)
+            server = TritonServer(repo, args.http_port, args.grpc_port, args.log_verbose).start()
+        except ServeError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"tritonserver ready: http://{server.url}  grpc {server.grpc_url}  (pid {server.pid}); Ctrl-C stops it",
+              flush=True)
+        stop = {"now": False}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.update(now=True))
+        while not stop["now"] and server.process.poll() is None:
+            time.sleep(0.5)
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
