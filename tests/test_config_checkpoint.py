@@ -22,11 +22,8 @@ REAL_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
 
 
 def test_real_model_config_sizes():
-    raw = {**DEMO_CONFIG, "hybrid_override_pattern": REAL_PATTERN, "num_hidden_layers": 52, "hidden_size": 2688,
-           "vocab_size": 131072, "num_attention_heads": 32, "num_key_value_heads": 2, "head_dim": 128,
-           "mamba_num_heads": 64, "mamba_head_dim": 64, "ssm_state_size": 128, "n_groups": 8,
-           "n_routed_experts": 128, "num_experts_per_tok": 6, "moe_intermediate_size": 1856,
-           "moe_shared_expert_intermediate_size": 3712, "chunk_size": 128}
+    raw = json.loads((Path(__file__).resolve().parents[1] / "bench" / "real_config.json").read_text())
+    assert raw["hybrid_override_pattern"] == REAL_PATTERN
     cfg = config_from_dict(raw)
     assert cfg.layers_of("*") == [5, 12, 19, 26, 33, 42]
     assert len(cfg.layers_of("M")) == 23 and len(cfg.layers_of("E")) == 23

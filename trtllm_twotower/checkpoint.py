@@ -325,20 +325,50 @@ def assemble_tower_weights(
     return weights
 
 
+class StreamingSafetensorsWriter:
+    """Writes a safetensors file whose header is known up front, then the data tensor by tensor
+    (a stacked tensor may come in pieces), so memory holds one source tensor at a time."""
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        header: dict = {}
+        offset = 0
+        self._sizes: list[tuple[str, int]] = []
+        for name, dtype, shape in entries:
+            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._sizes.append((name, nbytes))
+            offset += nbytes
+        if metadata:
+            header["__metadata__"] = metadata
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+        self._index, self._written = 0, 0
+
+    def write(self, piece: torch.Tensor) -> None:
+        """Append the next piece of the current tensor (pieces of a tensor come in order)."""
+        data = piece.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+        self._file.write(data)
+        self._written += len(data)
+        name, nbytes = self._sizes[self._index]
+        if self._written > nbytes:
+            raise CheckpointError(f"{name}: {self._written} bytes written, {nbytes} declared")
+        if self._written == nbytes:
+            self._index, self._written = self._index + 1, 0
+
+    def close(self) -> None:
+        self._file.close()
+        if self._index != len(self._sizes):
+            raise CheckpointError(f"{self._file.name}: closed after {self._index} of {len(self._sizes)} tensors")
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write one safetensors file, streaming tensor by tensor (the header needs only shapes)."""
-    header: dict = {}
-    offset = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    if metadata:
-        header["__metadata__"] = metadata
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # keep tensor data 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+    """Write one safetensors file from a dict of tensors."""
+    writer = StreamingSafetensorsWriter(path, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], metadata)
+    try:
         for t in tensors.values():
-            f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+            writer.write(t)
+    finally:
+        writer.close()

@@ -88,7 +88,9 @@ class TwoTowerConfig:
         return [i for i, c in enumerate(self.layer_pattern) if c == char]
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The official config.json form: ``config_from_dict(cfg.to_dict()) == cfg``."""
+        raw = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "layer_pattern"}
+        return {"hybrid_override_pattern": self.layer_pattern, "num_hidden_layers": self.num_layers, **raw}
 
 
 _REQUIRED_INT = (

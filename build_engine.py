@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Convert a TwoTower (or Nano) HF checkpoint into two TensorRT-LLM checkpoints and, where
+TensorRT-LLM 1.2 and a GPU are present, build one BF16 engine per tower.
+
+    python build_engine.py --checkpoint HF_DIR --output-dir OUT
+        OUT/trtllm_checkpoint/{context,denoiser}/   config.json + rank0.safetensors
+        OUT/build_plan.json                         engine I/O, profiles, plugins, GPU memory per layout
+        OUT/engines/{context,denoiser}/ + OUT/manifest.json    only with TensorRT-LLM 1.2
+    python build_engine.py --plan-only --config config.json [--max-seq-len ...]   plan without weights
+    python build_engine.py --inspect OUT/engines/context      Polygraphy layer / I/O listing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from trtllm_twotower.checkpoint import CONTEXT, DENOISER, NANO, TWOTOWER, CheckpointError
+from trtllm_twotower.config import ConfigError, TwoTowerConfig, load_config
+from trtllm_twotower.convert import DTYPES, convert_checkpoint, trtllm_params
+from trtllm_twotower.engine_io import BuildLimits, engine_io, memory_plan, profiles
+
+PLUGINS = {CONTEXT: ["TwoTowerBlockAttention (causal, writes K/V)", "TwoTowerSeededMambaScan"],
+           DENOISER: ["TwoTowerBlockAttention (bidirectional, read-only)", "TwoTowerSeededMambaScan (state dropped)"]}
+
+
+def weight_bytes(cfg: TwoTowerConfig, layout: str, dtype: str) -> dict[str, int]:
+    towers = (CONTEXT,) if layout == NANO else (CONTEXT, DENOISER)
+    return {t: sum(torch.Size(p.shape).numel() * torch.empty((), dtype=p.dtype).element_size()
+                   for p in trtllm_params(cfg, layout, t, DTYPES[dtype])) for t in towers}
+
+
+def build_plan(cfg: TwoTowerConfig, layout: str, limits: BuildLimits, dtype: str) -> dict:
+    sizes = weight_bytes(cfg, layout, dtype)
+    return {
+        "dtype": dtype,
+        "limits": limits.__dict__,
+        "towers": {t: {"weight_bytes": sizes[t], "plugins": PLUGINS[t], "profiles": profiles(t, limits),
+                       "io": [{"name": s.name, "dtype": s.dtype, "dims": list(s.dims), "input": s.is_input,
+                               **({"aliases": s.aliases} if s.aliases else {})} for s in engine_io(cfg, t, dtype)]}
+                   for t in sizes},
+        "memory": memory_plan(cfg, sizes, limits, dtype),
+    }
+
+
+def print_plan(plan: dict) -> None:
+    for tower, info in plan["towers"].items():
+        n_in = sum(1 for io in info["io"] if io["input"])
+        print(f"{tower:9s} engine: {info['weight_bytes'] / 1e9:6.2f} GB weights, {n_in} inputs, "
+              f"{len(info['io']) - n_in} outputs, {len(info['profiles'])} profile(s); plugins: {', '.join(info['plugins'])}")
+    for m in plan["memory"]:
+        devices = ", ".join(f"{d} {g:.1f} GiB" for d, g in m["devices_gib"].items())
+        print(f"  {'fits' if m['fits'] else 'DOES NOT FIT'}: {m['layout']}: {devices} (of {m['capacity_gib']:.0f} GiB)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="HF checkpoint directory (TwoTower or Nano)")
+    p.add_argument("--output-dir", help="where the checkpoints, plan and engines go (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output-dir")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-input-len", type=int, default=4096, help="longest prefill")
+    p.add_argument("--max-seq-len", type=int, default=8192, help="prompt + generated tokens (K/V buffer length)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--workers", type=int, default=1, help="engines built in parallel (one per GPU)")
+    p.add_argument("--plan-only", action="store_true", help="print the build plan from --config, no weights")
+    p.add_argument("--config", help="config.json for --plan-only")
+    p.add_argument("--inspect", metavar="ENGINE_DIR", help="list an engine's layers and I/O with Polygraphy")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.inspect:
+            from trtllm_twotower.network.trt import inspect_engine
+
+            return inspect_engine(Path(args.inspect))
+        limits = BuildLimits(args.max_batch_size, args.max_input_len, args.max_seq_len, args.block_size)
+        limits.check()
+        if args.plan_only:
+            if not args.config:
+                raise ValueError("--plan-only needs --config config.json")
+            plan = build_plan(load_config(args.config), TWOTOWER, limits, args.dtype)
+            print_plan(plan)
+            if args.output_dir:
+                Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+                (Path(args.output_dir) / "build_plan.json").write_text(json.dumps(plan, indent=2))
+            return 0
+        if not args.checkpoint or not args.output_dir:
+            raise ValueError("--checkpoint and --output-dir are required (or --plan-only / --inspect)")
+        return build(args, limits)
+    except (ValueError, ConfigError, CheckpointError, FileExistsError, ImportError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def build(args, limits: BuildLimits) -> int:
+    out = Path(args.output_dir)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"output directory {out} exists (pass --overwrite to replace it)")
+    cfg = load_config(args.checkpoint)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        towers = convert_checkpoint(args.checkpoint, tmp / "trtllm_checkpoint", args.dtype,
+                                    show_progress=not args.no_progress)
+        layout = NANO if DENOISER not in towers else TWOTOWER
+        plan = build_plan(cfg, layout, limits, args.dtype)
+        (tmp / "build_plan.json").write_text(json.dumps(plan, indent=2))
+        print_plan(plan)
+        try:
+            import tensorrt_llm  # noqa: F401
+        except ImportError:
+            tensorrt_llm = None
+        if tensorrt_llm is not None:
+            from trtllm_twotower.network.trt import build_engines
+
+            build_engines({t: tmp / "trtllm_checkpoint" / t for t in towers}, tmp, cfg, limits, args.workers)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if tensorrt_llm is None:
+        print(f"wrote {out}/trtllm_checkpoint and {out}/build_plan.json; the engine build needs TensorRT-LLM 1.2 "
+              "(pip install 'trtllm-twotower[trt]') and a GPU")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The TensorRT executor: the two engines behind the sampler's interface (prefill / extend /
+denoise / select), on ``tensorrt_llm.runtime.Session``.
+
+NOT EXECUTED (needs TensorRT-LLM 1.2 and a GPU). State buffers are ``TowerState`` tensors bound by
+the names of ``engine_io``; K/V buffers are written in place by the context engine.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CONTEXT, DENOISER
+from ..engine_io import state_names
+from ..network import towers
+from .executor import StateMirror
+
+
+class EngineMismatchError(ValueError):
+    """Engines built for another config, another plugin library or each other's mismatch."""
+
+
+def check_manifest(engine_dir: Path, cfg) -> dict:
+    """Refuse engines built for another model config (the tower pair shares one manifest)."""
+    from ..network.trt import config_hash
+
+    path = Path(engine_dir) / "manifest.json"
+    if not path.is_file():
+        raise EngineMismatchError(f"{engine_dir}: no manifest.json (build with build_engine.py)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("config_sha256") != config_hash(cfg.to_dict()):
+        raise EngineMismatchError(f"{engine_dir}: engines were built for another config.json than the checkpoint's")
+    missing = [t for t in (CONTEXT, DENOISER) if t not in manifest.get("engines", {})]
+    if missing:
+        raise EngineMismatchError(f"{engine_dir}: manifest lists no engine for {', '.join(missing)}")
+    return manifest
+
+
+class TrtExecutor:
+    def __init__(self, cfg, sessions: dict, manifest: dict, context_device, denoiser_device):
+        self.cfg = cfg
+        self.sessions = sessions
+        self.capacity = manifest["limits"]["max_seq_len"]
+        self.dtype = torch.bfloat16
+        self.context_device = context_device
+        self.denoiser_device = denoiser_device
+        self._mirror = StateMirror(denoiser_device) if denoiser_device != context_device else None
+
+    @classmethod
+    def from_engine_dir(cls, engine_dir, cfg, context_device, denoiser_device) -> "TrtExecutor":
+        if engine_dir is None:
+            raise ValueError("engine_dir: required for backend='trt'")
+        manifest = check_manifest(Path(engine_dir), cfg)
+        from tensorrt_llm.runtime.session import Session
+
+        from ..plugins import kernels
+
+        kernels.load_trt_plugins()  # before deserialising: the engines contain our plugins
+        sessions = {}
+        for tower, device in ((CONTEXT, context_device), (DENOISER, denoiser_device)):
+            with torch.cuda.device(device):
+                sessions[tower] = Session.from_serialized_engine(
+                    (Path(engine_dir) / manifest["engines"][tower] / "rank0.engine").read_bytes())
+        return cls(cfg, sessions, manifest, context_device, denoiser_device)
+
+    def _run(self, tower: str, device, feeds: dict) -> dict:
+        from tensorrt_llm._utils import trt_dtype_to_torch
+        from tensorrt_llm.runtime.session import TensorInfo
+
+        session = self.sessions[tower]
+        infos = session.infer_shapes([TensorInfo(n, session.engine.get_tensor_dtype(n), tuple(t.shape))
+                                      for n, t in feeds.items()])
+        outputs = {}
+        for info in infos:
+            if info.name.startswith(("present_key_", "present_value_")):
+                outputs[info.name] = feeds[info.name.replace("present_", "past_")]  # written in place
+            else:
+                outputs[info.name] = torch.empty(tuple(info.shape), dtype=trt_dtype_to_torch(info.dtype), device=device)
+        stream = torch.cuda.current_stream(device).cuda_stream
+        if not session.run(inputs=feeds, outputs=outputs, stream=stream):
+            raise RuntimeError(f"{tower} engine failed to run")
+        return outputs
+
+    def _feeds(self, state: towers.TowerState, ids: torch.Tensor, device) -> dict:
+        feeds = {"input_ids": ids.to(device, torch.int32), "cache_lens": state.lengths.to(device, torch.int32)}
+        by_kind = {"key": state.keys, "value": state.values, "conv": state.conv, "ssm": state.ssm}
+        for kind, entries in state_names(self.cfg).items():
+            feeds.update({name: by_kind[kind][i] for i, name in entries})
+        return feeds
+
+    def prefill(self, prompts: list[list[int]], capacity: int):
+        if capacity > self.capacity:
+            raise ValueError(f"prompt + output needs {capacity} cache slots; the engines were built for "
+                             f"max_seq_len {self.capacity}")
+        rows, last = [], []
+        for prompt in prompts:
+            state = towers.empty_state(self.cfg, 1, self.capacity, self.dtype, self.context_device)
+            logits, state = self.extend(state, torch.tensor([prompt]), logits=True)
+            rows.append(state)
+            last.append(logits[:, -1])
+        return (rows[0] if len(rows) == 1 else towers.stack_states(rows, self.capacity)), torch.cat(last)
+
+    def extend(self, state, tokens: torch.Tensor, logits: bool):
+        out = self._run(CONTEXT, self.context_device, self._feeds(state, tokens, self.context_device))
+        new_state = towers.TowerState(
+            lengths=state.lengths + tokens.shape[1], keys=state.keys, values=state.values,
+            conv={i: out[f"present_conv_state_{i}"] for i in state.conv},
+            ssm={i: out[f"present_ssm_state_{i}"] for i in state.ssm})
+        return (out["last_logits"][:, None] if logits else None), new_state
+
+    def denoise(self, state, block: torch.Tensor, t):
+        if t is None:
+            raise NotImplementedError("mock-AR needs the denoiser without time conditioning; its engine always "
+                                      "conditions on t: use the torch backend for mock-AR")
+        if self._mirror is not None:
+            state = self._mirror.update(state)
+        feeds = self._feeds(state, block, self.denoiser_device)
+        feeds["timestep"] = t.to(self.denoiser_device, torch.float32)
+        return self._run(DENOISER, self.denoiser_device, feeds)["logits"]
+
+    def select(self, state, rows: list[int]):
+        return towers.select_rows(state, rows)
