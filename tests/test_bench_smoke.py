@@ -22,3 +22,14 @@ def test_bench_towers_smoke(tmp_path):
         assert row["floor_ms"] > 0 and row["ms"] > 0 and row["ratio_to_floor"] == row["ms"] / row["floor_ms"]
         assert 1 <= row["distinct_experts_mean"] <= 8
     assert {r["mode"] for r in result["generation"]} == {"diffusion", "mock-ar", "ar"}
+
+
+def test_bench_kernels_refuses_without_a_gpu_or_library():
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_kernels.py"), "--out", "unused.json"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 2 and "needs a CUDA GPU" in run.stderr
+    assert not (ROOT / "unused.json").exists()

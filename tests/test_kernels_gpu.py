@@ -1,0 +1,102 @@
+"""The CUDA kernels against their torch references (GPU only; run with `pytest -m gpu`).
+
+Error bounds: fp32 kernel vs fp32 reference relative error <= 1e-4; bf16 kernel vs the fp32
+reference on the same (bf16-rounded) inputs <= 1e-2, and at most 2x the reference's own bf16 error
+plus a small floor. Fresh random inputs each run."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from trtllm_twotower.plugins import kernels
+from trtllm_twotower.plugins.reference import block_attention_ref, seeded_mamba_scan_ref
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def library():
+    if not kernels.available():
+        subprocess.run(["bash", str(ROOT / "trtllm_twotower" / "plugins" / "build.sh")], check=True)
+        kernels._lib.cache_clear()
+    assert kernels.available()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def attention_inputs(B, L, H, K, P, lens, dtype, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    S = max(lens) + L + 3
+    make = lambda *shape: torch.randn(*shape, device="cuda", generator=gen).to(dtype)  # noqa: E731
+    return make(B, L, H, P), make(B, L, K, P), make(B, L, K, P), make(B, S, K, P), make(B, S, K, P), \
+        torch.tensor(lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("lens", [[0], [1], [17], [1000], [8192], [0, 17, 1000, 5], [8192, 1, 300, 4000]])
+@pytest.mark.parametrize("L", [1, 16])
+@pytest.mark.parametrize("causal, write", [(True, True), (False, False)])
+def test_block_attention_matches_reference(lens, L, causal, write):
+    B, H, K, P = len(lens), 32, 2, 128
+    q, k, v, kc, vc, cl = attention_inputs(B, L, H, K, P, lens, torch.float32, seed=sum(lens) + L)
+    ref_kc, ref_vc = kc.clone(), vc.clone()
+    ref = block_attention_ref(q, k, v, ref_kc, ref_vc, cl, causal, write)
+    got_kc, got_vc = kc.clone(), vc.clone()
+    got = kernels.block_attention(q, k, v, got_kc, got_vc, cl, causal, write)
+    assert torch.isfinite(got).all() and rel(got, ref) <= 1e-4
+    assert torch.equal(got_kc, ref_kc) and torch.equal(got_vc, ref_vc)  # same rows written, others untouched
+    # bf16: the kernel's error against fp32 within 2x the reference's own bf16 error (+ floor)
+    qb, kb, vb, kcb, vcb = (t.to(torch.bfloat16) for t in (q, k, v, kc, vc))
+    exact = block_attention_ref(*(t.float() for t in (qb, kb, vb, kcb.clone(), vcb.clone())), cl, causal, False)
+    ref_bf16 = block_attention_ref(qb, kb, vb, kcb.clone(), vcb.clone(), cl, causal, False)
+    got_bf16 = kernels.block_attention(qb, kb, vb, kcb.clone(), vcb.clone(), cl, causal, False)
+    assert rel(got_bf16, exact) <= 1e-2
+    assert rel(got_bf16, exact) <= 2 * rel(ref_bf16, exact) + 1e-3
+
+
+def test_block_attention_small_heads_and_device_lengths():
+    q, k, v, kc, vc, cl = attention_inputs(4, 16, 8, 2, 16, [0, 1, 17, 90], torch.float32, seed=3)
+    ref = block_attention_ref(q, k, v, kc.clone(), vc.clone(), cl, False, False)
+    assert rel(kernels.block_attention(q, k, v, kc.clone(), vc.clone(), cl.cuda(), False, False), ref) <= 1e-4
+
+
+def scan_inputs(B, L, H, P, G, N, W, dtype, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    C = H * P + 2 * G * N
+    r = lambda *shape: torch.randn(*shape, device="cuda", generator=gen)  # noqa: E731
+    dt_bias = torch.log(torch.expm1(torch.empty(H, device="cuda").uniform_(1e-3, 0.1, generator=gen)))
+    A_log = torch.log(torch.empty(H, device="cuda").uniform_(1, 16, generator=gen))
+    return dict(xbc=r(B, L, C).to(dtype), dt=r(B, L, H).to(dtype), conv_weight=(0.5 * r(C, W)).to(dtype),
+                conv_bias=(0.1 * r(C)).to(dtype), dt_bias=dt_bias, A_log=A_log, D=torch.rand(H, device="cuda") + 0.5,
+                conv_state=r(B, C, W).to(dtype), ssm_state=1e3 * r(B, H, P, N), n_groups=G, head_dim=P)
+
+
+@pytest.mark.parametrize("L", [1, 16, 4096])
+@pytest.mark.parametrize("B", [1, 4])
+def test_seeded_scan_matches_reference_real_sizes(L, B):
+    if L == 4096 and B == 4:
+        pytest.skip("covered by B=1; the sequential reference is slow at this size")
+    args = scan_inputs(B, L, 64, 64, 8, 128, 4, torch.float32, seed=L + B)
+    y_ref, conv_ref, ssm_ref = seeded_mamba_scan_ref(**args)
+    y, conv, ssm = kernels.seeded_mamba_scan(**args)
+    assert rel(y, y_ref) <= 1e-4 and rel(ssm, ssm_ref) <= 1e-4 and torch.equal(conv, conv_ref)
+    bf = scan_inputs(B, min(L, 64), 64, 64, 8, 128, 4, torch.bfloat16, seed=L)
+    exact = seeded_mamba_scan_ref(**{k: (v.float() if torch.is_tensor(v) else v) for k, v in bf.items()})[0]
+    ref_bf16 = seeded_mamba_scan_ref(**bf)[0]
+    got_bf16 = kernels.seeded_mamba_scan(**bf)[0]
+    assert rel(got_bf16, exact) <= 1e-2 and rel(got_bf16, exact) <= 2 * rel(ref_bf16, exact) + 1e-3
+
+
+def test_seeded_scan_tiny_sizes_and_inputs_unchanged():
+    args = scan_inputs(2, 5, 4, 8, 2, 16, 4, torch.float32, seed=9)
+    before = {k: v.clone() for k, v in args.items() if torch.is_tensor(v)}
+    y_ref, conv_ref, ssm_ref = seeded_mamba_scan_ref(**args)
+    y, conv, ssm = kernels.seeded_mamba_scan(**args)
+    assert rel(y, y_ref) <= 1e-4 and rel(ssm, ssm_ref) <= 1e-4 and torch.equal(conv, conv_ref)
+    assert all(torch.equal(args[k], v) for k, v in before.items())

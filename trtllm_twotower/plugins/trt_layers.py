@@ -1,0 +1,53 @@
+"""Add the project's IPluginV3 layers to a TensorRT-LLM network (NOT EXECUTED here: needs
+TensorRT-LLM 1.2). Same arguments as the torch references; the plugin library must be loaded first
+(``kernels.load_trt_plugins``). Mirrors tensorrt_llm.functional's V3 pattern: registry creator ->
+``create_plugin(..., TensorRTPhase.BUILD)`` -> ``add_plugin_v3`` -> ``_create_tensor``.
+"""
+
+from __future__ import annotations
+
+NAMESPACE, VERSION = "twotower", "1"
+
+
+def _add_plugin(name: str, fields: dict[str, int], inputs: list, layer_name: str):
+    try:
+        import numpy as np
+        import tensorrt as trt
+        from tensorrt_llm._common import default_trtnet
+        from tensorrt_llm.functional import _create_tensor
+    except ImportError as err:
+        raise ImportError("TensorRT-LLM 1.2 is needed to add TwoTower plugin layers: pip install "
+                          "'trtllm-twotower[trt]'") from err
+    creator = trt.get_plugin_registry().get_creator(name, VERSION, NAMESPACE)
+    if creator is None:
+        raise RuntimeError(f"plugin {NAMESPACE}::{name} v{VERSION} is not registered: call "
+                           "trtllm_twotower.plugins.kernels.load_trt_plugins() first")
+    collection = trt.PluginFieldCollection([trt.PluginField(k, np.array([v], np.int32), trt.PluginFieldType.INT32)
+                                            for k, v in fields.items()])
+    plugin = creator.create_plugin(layer_name, collection, trt.TensorRTPhase.BUILD)
+    if plugin is None:
+        raise ValueError(f"{name}: the plugin rejected its fields {fields}")
+    layer = default_trtnet().add_plugin_v3([t.trt_tensor for t in inputs], [], plugin)
+    layer.name = layer_name
+    return [_create_tensor(layer.get_output(i), layer) for i in range(layer.num_outputs)]
+
+
+def block_attention_plugin(q, k, v, k_cache, v_cache, cache_lens, causal: bool, write_cache: bool):
+    """q [B, L, H, P], k/v [B, L, K, P], caches [B, S, K, P], cache_lens [B] int32 -> out [B, L, H, P].
+    With write_cache the new K/V go into the cache buffers in place (aliased outputs)."""
+    H, K, P = q.shape[2], k.shape[2], q.shape[3]
+    outputs = _add_plugin("TwoTowerBlockAttention",
+                          {"num_heads": H, "num_kv_heads": K, "head_dim": P, "causal": int(causal),
+                           "write_cache": int(write_cache)},
+                          [q, k, v, k_cache, v_cache, cache_lens], f"block_attention_{id(q)}")
+    return outputs[0]
+
+
+def seeded_mamba_scan_plugin(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
+                             n_groups: int, head_dim: int, write_state: bool = True):
+    """-> (y [B, L, H*P], new conv state [B, C, W] or None, new fp32 ssm state [B, H, P, N] or None)."""
+    outputs = _add_plugin("TwoTowerSeededMambaScan",
+                          {"n_groups": n_groups, "head_dim": head_dim, "write_state": int(write_state)},
+                          [xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state],
+                          f"seeded_mamba_scan_{id(xbc)}")
+    return (outputs[0], outputs[1], outputs[2]) if write_state else (outputs[0], None, None)
