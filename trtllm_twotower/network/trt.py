@@ -42,6 +42,9 @@ class TrtOps:
     def __init__(self, dtype: str):
         _require()
         self.dtype = dtype
+        # past_key_{i} name -> (k_cache, v_cache) as written by the plugin (aliased, in place): the
+        # context model marks these as present_key_{i} / present_value_{i}
+        self.written_caches: dict = {}
 
     def embedding(self, table, ids):
         return F.embedding(ids, table)
@@ -96,7 +99,10 @@ class TrtOps:
     def block_attention(self, q, k, v, k_cache, v_cache, cache_lens, causal, write_cache):
         from ..plugins.trt_layers import block_attention_plugin
 
-        return block_attention_plugin(q, k, v, k_cache, v_cache, cache_lens, causal, write_cache)
+        out, k_written, v_written = block_attention_plugin(q, k, v, k_cache, v_cache, cache_lens, causal, write_cache)
+        if write_cache:
+            self.written_caches[k_cache.name] = (k_written, v_written)
+        return out
 
     def mamba_scan(self, xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state, n_groups, head_dim):
         from ..plugins.trt_layers import seeded_mamba_scan_plugin
@@ -264,10 +270,13 @@ if tensorrt_llm is not None:
                                                       causal=True, commit=True)
             last = F.gather_last_token_logits(hidden, F.shape(hidden, 1), False)
             ops.logits(last, self.weights["lm_head"]).mark_output("last_logits", "float32")
-            for kind, d in (("key", new_state.keys), ("value", new_state.values), ("conv", new_state.conv),
-                            ("ssm", new_state.ssm)):
-                for i, tensor in d.items():
-                    tensor.mark_output(f"present_{kind if kind in ('key', 'value') else kind + '_state'}_{i}")
+            for i in new_state.keys:
+                k_written, v_written = ops.written_caches[f"past_key_{i}"]
+                k_written.mark_output(f"present_key_{i}")
+                v_written.mark_output(f"present_value_{i}")
+            for i in new_state.conv:
+                new_state.conv[i].mark_output(f"present_conv_state_{i}")
+                new_state.ssm[i].mark_output(f"present_ssm_state_{i}", "float32")
 
     class TwoTowerDenoiser(_TwoTowerModel):
         tower = DENOISER

@@ -33,14 +33,15 @@ def _add_plugin(name: str, fields: dict[str, int], inputs: list, layer_name: str
 
 
 def block_attention_plugin(q, k, v, k_cache, v_cache, cache_lens, causal: bool, write_cache: bool):
-    """q [B, L, H, P], k/v [B, L, K, P], caches [B, S, K, P], cache_lens [B] int32 -> out [B, L, H, P].
-    With write_cache the new K/V go into the cache buffers in place (aliased outputs)."""
+    """q [B, L, H, P], k/v [B, L, K, P], caches [B, S, K, P], cache_lens [B] int32 ->
+    (out [B, L, H, P], k_cache, v_cache): with write_cache the caches are the plugin's aliased outputs
+    (written in place), else None."""
     H, K, P = q.shape[2], k.shape[2], q.shape[3]
     outputs = _add_plugin("TwoTowerBlockAttention",
                           {"num_heads": H, "num_kv_heads": K, "head_dim": P, "causal": int(causal),
                            "write_cache": int(write_cache)},
                           [q, k, v, k_cache, v_cache, cache_lens], f"block_attention_{id(q)}")
-    return outputs[0]
+    return (outputs[0], outputs[1], outputs[2]) if write_cache else (outputs[0], None, None)
 
 
 def seeded_mamba_scan_plugin(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
