@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -26,6 +23,7 @@ from trtllm_twotower.checkpoint import CONTEXT, DENOISER, NANO, TWOTOWER, Checkp
 from trtllm_twotower.config import ConfigError, TwoTowerConfig, load_config
 from trtllm_twotower.convert import DTYPES, convert_checkpoint, trtllm_params
 from trtllm_twotower.engine_io import BuildLimits, engine_io, memory_plan, profiles
+from trtllm_twotower.fsutil import atomic_directory
 
 PLUGINS = {CONTEXT: ["TwoTowerBlockAttention (causal, writes K/V)", "TwoTowerSeededMambaScan"],
            DENOISER: ["TwoTowerBlockAttention (bidirectional, read-only)", "TwoTowerSeededMambaScan (state dropped)"]}
@@ -109,29 +107,21 @@ def build(args, limits: BuildLimits) -> int:
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"output directory {out} exists (pass --overwrite to replace it)")
     cfg = load_config(args.checkpoint)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        import tensorrt_llm  # noqa: F401
+    except ImportError:
+        tensorrt_llm = None
+    with atomic_directory(out) as tmp:
         towers = convert_checkpoint(args.checkpoint, tmp / "trtllm_checkpoint", args.dtype,
                                     show_progress=not args.no_progress)
         layout = NANO if DENOISER not in towers else TWOTOWER
         plan = build_plan(cfg, layout, limits, args.dtype)
         (tmp / "build_plan.json").write_text(json.dumps(plan, indent=2))
         print_plan(plan)
-        try:
-            import tensorrt_llm  # noqa: F401
-        except ImportError:
-            tensorrt_llm = None
         if tensorrt_llm is not None:
             from trtllm_twotower.network.trt import build_engines
 
             build_engines({t: tmp / "trtllm_checkpoint" / t for t in towers}, tmp, cfg, limits, args.workers)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if tensorrt_llm is None:
         print(f"wrote {out}/trtllm_checkpoint and {out}/build_plan.json; the engine build needs TensorRT-LLM 1.2 "
               "(pip install 'trtllm-twotower[trt]') and a GPU")

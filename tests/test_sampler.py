@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from trtllm_twotower.runtime.sampler import MASK_LOGIT, commit_step

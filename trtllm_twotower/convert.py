@@ -10,9 +10,6 @@ so the converter, the engine and the torch backend cannot drift apart.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import torch
 from .checkpoint import (CONTEXT, DENOISER, NANO, TWOTOWER, CheckpointError, CheckpointReader,
                          StreamingSafetensorsWriter, TensorSpec, resolve_keys, tower_tensor_specs)
 from .config import TwoTowerConfig, config_from_dict, load_config
+from .fsutil import atomic_directory
 
 ARCHITECTURES = {CONTEXT: "TwoTowerContextForCausalLM", DENOISER: "TwoTowerDenoiser"}
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -123,18 +121,11 @@ def convert_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, dtype
         from tqdm import tqdm
 
         progress = tqdm(total=total, unit="tensor", desc="convert")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        for tower in towers:
-            (tmp / tower).mkdir()
-            write_tower_checkpoint(reader, on_disk, cfg, layout, tower, dtype, tmp / tower, progress)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(output_dir) as tmp:
+            for tower in towers:
+                (tmp / tower).mkdir()
+                write_tower_checkpoint(reader, on_disk, cfg, layout, tower, dtype, tmp / tower, progress)
     finally:
         if progress is not None:
             progress.close()

@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .checkpoint import CONTEXT, DENOISER, TWOTOWER, tower_tensor_specs, write_safetensors
 from .config import config_from_dict
+from .fsutil import atomic_directory
 
 DEMO_CONFIG = {
     "architectures": ["NemotronHTwoTowerForCausalLM"],
@@ -138,9 +137,7 @@ def write_checkpoint(directory: str | Path, raw_config: dict, tensors: dict[str,
                      num_shards: int = 3, with_tokenizer: bool = True) -> Path:
     """Write config + sharded safetensors + index (+ tokenizer) atomically: a temp dir, then rename."""
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(raw_config, indent=2))
         names = list(tensors)
         per_shard = math.ceil(len(names) / num_shards)
@@ -155,12 +152,6 @@ def write_checkpoint(directory: str | Path, raw_config: dict, tensors: dict[str,
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         if with_tokenizer:
             write_tokenizer(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 

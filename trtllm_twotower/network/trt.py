@@ -25,7 +25,6 @@ try:
     import tensorrt_llm
     from tensorrt_llm import functional as F
     from tensorrt_llm.models.modeling_utils import PretrainedConfig, PretrainedModel
-    from tensorrt_llm.module import Module
     from tensorrt_llm.parameter import Parameter
 except ImportError:  # the op table stays inspectable; everything else raises on use
     tensorrt_llm = None
@@ -221,10 +220,11 @@ if tensorrt_llm is not None:
                 parts = p.name.split(".")
                 node = self.weights["layers"][int(parts[1])] if parts[0] == "layers" else self.weights
                 node[parts[-1]] = param
-            from tensorrt_llm.layers.moe import MOE, MoeConfig
+            from tensorrt_llm.layers.moe import MOE as TrtMoe
+            from tensorrt_llm.layers.moe import MoeConfig
 
-            for i in self.cfg.layers_of(MOE):
-                moe = MOE(moe_config=MoeConfig(num_experts=self.cfg.n_routed_experts,
+            for i in self.cfg.layers_of(MOE):  # the pattern's 'E' layers
+                moe = TrtMoe(moe_config=MoeConfig(num_experts=self.cfg.n_routed_experts,
                                                top_k=self.cfg.num_experts_per_tok),
                           hidden_size=self.cfg.hidden_size, ffn_hidden_size=self.cfg.moe_intermediate_size,
                           hidden_act=_moe_activation(), dtype=config.dtype, bias=False)

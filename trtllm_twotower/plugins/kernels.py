@@ -89,14 +89,19 @@ def block_attention_shapes(q_shape, k_shape, cache_shape) -> tuple[int, ...]:
     return (B, L, H, P)
 
 
-def block_attention(q, k, v, k_cache, v_cache, cache_lens, causal: bool, write_cache: bool) -> torch.Tensor:
-    """See ``reference.block_attention_ref``. ``cache_lens`` may live on the host (no sync) or the device."""
+def _check_lead(name: str, t) -> None:
+    """The library is built and the first tensor (which fixes device and dtype) is a CUDA fp32/bf16 tensor."""
     if not available():
         raise KernelError(f"kernel library not built ({library_path()}): run trtllm_twotower/plugins/build.sh")
-    if not isinstance(q, torch.Tensor) or q.device.type != "cuda":
-        raise ValueError(f"q: expected a CUDA tensor, got {getattr(q, 'device', type(q).__name__)}")
-    if q.dtype not in _DTYPE_CODES:
-        raise ValueError(f"q: expected float32 or bfloat16, got {q.dtype}")
+    if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
+        raise ValueError(f"{name}: expected a CUDA tensor, got {getattr(t, 'device', type(t).__name__)}")
+    if t.dtype not in _DTYPE_CODES:
+        raise ValueError(f"{name}: expected float32 or bfloat16, got {t.dtype}")
+
+
+def block_attention(q, k, v, k_cache, v_cache, cache_lens, causal: bool, write_cache: bool) -> torch.Tensor:
+    """See ``reference.block_attention_ref``. ``cache_lens`` may live on the host (no sync) or the device."""
+    _check_lead("q", q)
     B, L, H, P = block_attention_shapes(q.shape, k.shape, k_cache.shape)
     K, S = k.shape[2], k_cache.shape[1]
     device, dtype = q.device, q.dtype
@@ -145,12 +150,7 @@ def seeded_mamba_scan_shapes(xbc_shape, dt_shape, conv_state_shape, n_groups: in
 def seeded_mamba_scan(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
                       n_groups: int, head_dim: int):
     """See ``reference.seeded_mamba_scan_ref``: (y, new conv state, new fp32 ssm state); inputs unchanged."""
-    if not available():
-        raise KernelError(f"kernel library not built ({library_path()}): run trtllm_twotower/plugins/build.sh")
-    if not isinstance(xbc, torch.Tensor) or xbc.device.type != "cuda":
-        raise ValueError(f"xbc: expected a CUDA tensor, got {getattr(xbc, 'device', type(xbc).__name__)}")
-    if xbc.dtype not in _DTYPE_CODES:
-        raise ValueError(f"xbc: expected float32 or bfloat16, got {xbc.dtype}")
+    _check_lead("xbc", xbc)
     y_shape, conv_shape, ssm_shape = seeded_mamba_scan_shapes(xbc.shape, dt.shape, conv_state.shape, n_groups, head_dim)
     B, L, C = xbc.shape
     H, W = dt.shape[2], conv_state.shape[2]
