@@ -201,3 +201,12 @@ def test_run_runtime_json_matches_api(demo_dir, runtime):
     bad = subprocess.run([sys.executable, str(ROOT / "run_runtime.py"), "--checkpoint", str(demo_dir),
                           "--steps-per-block", "0"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "steps_per_block: must be >= 1" in bad.stderr
+
+
+def test_checkpoint_without_tokenizer_is_one_clear_error(tmp_path):
+    from trtllm_twotower.config import config_from_dict
+
+    tensors = demo_tensors(config_from_dict(DEMO_CONFIG), seed=0)
+    bare = write_checkpoint(tmp_path / "bare", DEMO_CONFIG, tensors, with_tokenizer=False)
+    with pytest.raises(ValueError, match="tokenizer: cannot load one from"):
+        TwoTowerRuntime.from_checkpoint(bare, dtype="float32")

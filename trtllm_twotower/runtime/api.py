@@ -6,7 +6,6 @@ and executors trust their inputs.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -18,8 +17,6 @@ from ..config import load_config
 from ..demo import ensure_demo_checkpoint
 from . import sampler
 from .executor import TorchExecutor
-
-log = logging.getLogger(__name__)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -137,8 +134,8 @@ class TwoTowerRuntime:
             raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
         default_ctx, default_den = default_devices()
         ctx_dev = parse_device(context_device or default_ctx, "context_device")
-        den_dev = parse_device(denoiser_device or (context_device if context_device and not denoiser_device
-                                                    else default_den), "denoiser_device")
+        # the denoiser follows an explicit context device unless given its own
+        den_dev = parse_device(denoiser_device or context_device or default_den, "denoiser_device")
         directory = Path(path) if path else ensure_demo_checkpoint()
         cfg = load_config(directory)
         reader = CheckpointReader(directory)
@@ -155,7 +152,10 @@ class TwoTowerRuntime:
             executor = TorchExecutor(cfg, ctx, den, torch_dtype, ctx_dev, den_dev)
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"tokenizer: cannot load one from {directory} ({err})") from err
         return cls(cfg, executor, tokenizer, directory, has_denoiser=layout != NANO)
 
     # ---- generation -------------------------------------------------------------------------

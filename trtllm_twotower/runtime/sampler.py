@@ -19,10 +19,9 @@ MASK_LOGIT = -1e12  # the mask token can never be predicted (spec §7.1)
 
 @dataclass
 class BlockCommit:
-    """What one row committed: its new token ids (``first`` = index of the first one in the row's output)."""
+    """What one row committed: its new token ids, and whether the row is done."""
 
     row: int
-    first: int
     token_ids: list[int]
     finished: bool
 
@@ -114,12 +113,11 @@ def _append(out: RowOutput, row: int, tokens: list[int], s: SamplerSettings, on_
     if s.eos_token_id is not None and s.eos_token_id in kept:
         kept = kept[: kept.index(s.eos_token_id) + 1]
         out.finished = True
-    first = len(out.tokens)
     out.tokens.extend(kept)
     if len(out.tokens) >= s.max_new_tokens:
         out.finished = True
     if on_commit is not None:
-        on_commit(BlockCommit(row, first, kept, out.finished))
+        on_commit(BlockCommit(row, kept, out.finished))
 
 
 def generate_diffusion(executor, prompts: list[list[int]], s: SamplerSettings, generators, on_commit=None):
