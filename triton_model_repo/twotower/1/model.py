@@ -31,6 +31,14 @@ class _AllCancelled(Exception):
     """Every client of a running batch has gone away."""
 
 
+def _send(sender, response=None, flags: int = 0) -> None:
+    """Send, never raising: a client that vanished must not take the worker thread down with it."""
+    try:
+        sender.send(response, flags=flags)
+    except Exception as err:  # noqa: BLE001 - logged, the other requests go on
+        pb_utils.Logger.log_warn(f"twotower: could not send a response ({err})")
+
+
 class TritonPythonModel:
     """I/O contract (also in config.pbtxt):
 
@@ -87,7 +95,7 @@ class TritonPythonModel:
                 for runtime_name, input_name in _INPUT_NAMES.items():
                     if message.startswith(runtime_name + ":"):
                         message = input_name + message[len(runtime_name):]
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"twotower: {message}")), flags=FINAL)
+                _send(sender, pb_utils.InferenceResponse(error=pb_utils.TritonError(f"twotower: {message}")), FINAL)
                 continue
             self.jobs.put((prepared, stream, sender))
         return None
@@ -162,29 +170,29 @@ class TritonPythonModel:
                     raise _AllCancelled
                 return
             if stream:
-                sender.send(pb_utils.InferenceResponse([_text(event.text)]))
+                _send(sender, pb_utils.InferenceResponse([_text(event.text)]))
 
         try:
             result = self.runtime.run(self._merge([g[0] for g in group]), on_block=on_block)
         except _AllCancelled:
             for _, _, sender in group:
-                sender.send(flags=FINAL)
+                _send(sender, flags=FINAL)
             return
         except Exception as err:  # noqa: BLE001 - every client must hear about a failed batch
             for _, _, sender in group:
-                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"twotower: generation failed: {err}")),
-                            flags=FINAL)
+                _send(sender, pb_utils.InferenceResponse(error=pb_utils.TritonError(f"twotower: generation failed: {err}")),
+                      FINAL)
             return
         for row, (_, stream, sender) in enumerate(group):
             if not live[row]:
-                sender.send(flags=FINAL)
+                _send(sender, flags=FINAL)
                 continue
             tokens = len(result.output_ids[row])
             nfe = result.nfe_per_row[row]
             outputs = [_text("" if stream else result.text[row]),
                        pb_utils.Tensor("nfe", np.array([[nfe]], dtype=np.int32)),
                        pb_utils.Tensor("tokens_per_step", np.array([[tokens / max(1, nfe)]], dtype=np.float32))]
-            sender.send(pb_utils.InferenceResponse(outputs), flags=FINAL)
+            _send(sender, pb_utils.InferenceResponse(outputs), FINAL)
 
     def finalize(self):
         self.jobs.put(None)  # in-flight and queued requests finish first
