@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,8 @@ class TorchOps:
     """Eager torch backend. ``dtype`` is the compute dtype (torch.bfloat16 or torch.float32).
 
     On CUDA tensors the two custom ops use the compiled kernel library when it is built (chosen
-    once, here); everywhere else they use the torch references beside the kernels.
+    once, here; ``TWOTOWER_KERNELS=off`` forces the torch forms); everywhere else they use the torch
+    references beside the kernels.
     ``trace``: a set that receives the name of every op executed (used by the op-table test).
     """
 
@@ -49,7 +51,7 @@ class TorchOps:
         self._grouped_mm = hasattr(torch, "_grouped_mm") and (self.device.type == "cpu" or dtype == torch.bfloat16)
         self._block_attention = reference.block_attention_ref
         self._mamba_scan = _torch_mamba_scan
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and os.environ.get("TWOTOWER_KERNELS", "auto") != "off":
             from ..plugins import kernels
 
             if kernels.available():
