@@ -104,6 +104,6 @@ def test_batched_rows_with_different_lengths_match_single_rows(all_kinds_dir):
     # fresh prefills: the single-row extends above appended into those rows' buffers
     rows = [towers.context_forward(ops, cfg, ctx, towers.empty_state(cfg, 1, 24, torch.float32, "cpu"), p)[1]
             for p in prompts]
-    batched, _ = towers.context_forward(ops, cfg, ctx, towers.stack_states(rows, 24), block)
+    batched, _ = towers.context_forward(ops, cfg, ctx, towers.concat_states(rows, 24), block)
     for b in range(2):
         assert torch.allclose(batched[b : b + 1], singles[b], atol=1e-5, rtol=1e-5)

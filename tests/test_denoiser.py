@@ -103,7 +103,7 @@ def test_batched_denoise_per_row_t_equals_single_rows(all_kinds_dir):
     blocks = torch.full((2, 4), cfg.mask_token_id)
     blocks[1, 1] = 50
     t = torch.tensor([1.0, 0.75])
-    batched = towers.denoise(ops, cfg, den, towers.stack_states(rows, 32), blocks, t)
+    batched = towers.denoise(ops, cfg, den, towers.concat_states(rows, 32), blocks, t)
     for b in range(2):
         single = towers.denoise(ops, cfg, den, rows[b], blocks[b : b + 1], t[b : b + 1])
         assert torch.allclose(batched[b : b + 1], single, atol=1e-5, rtol=1e-5)

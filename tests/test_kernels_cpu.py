@@ -58,8 +58,8 @@ def test_c_side_argument_checks_without_a_gpu(built_library):
     assert attention(*ptrs, 1, 16, 4, 2, 16, 64, 0, 1, 7, 1, 1, None) == -3  # bad dtype
     assert b"dimensions" in lib.twotower_error_string(-1)
     scan = lib.twotower_seeded_mamba_scan
-    scan.argtypes = [ctypes.c_void_p] * 13 + [ctypes.c_int] * 9 + [ctypes.c_void_p]
-    sptrs = [dummy] * 13
+    scan.argtypes = [ctypes.c_void_p] * 14 + [ctypes.c_int] * 9 + [ctypes.c_void_p]
+    sptrs = [dummy] * 14
     # C = H*P + 2*G*N = 4*8 + 2*2*16 = 96
     assert scan(*sptrs, 1, 4, 95, 4, 4, 8, 2, 16, 0, None) == -1  # channels do not split
     assert scan(*sptrs, 1, 4, 96, 9, 4, 8, 2, 16, 0, None) == -2  # conv width above 8

@@ -100,3 +100,14 @@ def test_seeded_scan_tiny_sizes_and_inputs_unchanged():
     y, conv, ssm = kernels.seeded_mamba_scan(**args)
     assert rel(y, y_ref) <= 1e-4 and rel(ssm, ssm_ref) <= 1e-4 and torch.equal(conv, conv_ref)
     assert all(torch.equal(args[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("B, L, sizes", [(1, 16, (64, 64, 8, 128)), (3, 5, (4, 8, 2, 16))])
+def test_seeded_scan_per_position_states(B, L, sizes):
+    """Speculative mode rolls the context back to the state after any token of an extend."""
+    H, P, G, N = sizes
+    args = scan_inputs(B, L, H, P, G, N, 4, torch.float32, seed=7 * L + B)
+    y_ref, _, ssm_ref, steps_ref = seeded_mamba_scan_ref(**args, return_steps=True)
+    y, _, ssm, steps = kernels.seeded_mamba_scan(**args, return_steps=True)
+    assert steps.shape == (B, L, H, P, N) and rel(steps, steps_ref) <= 1e-4
+    assert torch.equal(steps[:, -1], ssm) and rel(y, y_ref) <= 1e-4

@@ -40,3 +40,19 @@ def test_chunked_bf16_inputs_keep_fp32_state():
     assert y.dtype == torch.bfloat16 and state.dtype == torch.float32 and torch.isfinite(y).all()
     assert (state - state_ref).norm() / state_ref.norm() < 1e-5
     assert (y.float() - y_ref.float()).norm() / y_ref.float().norm() < 1e-2  # one bf16 rounding apart
+
+
+def test_per_position_states_are_the_states_of_shorter_scans():
+    """The state after token j of an L-token scan is bit-identical to the final state of a scan over
+    the first j + 1 tokens, and the conv history after token j is that scan's new conv state."""
+    from trtllm_twotower.plugins.reference import conv_state_steps
+
+    args = _inputs(3, 9, seed=11)
+    _, _, final, steps = seeded_mamba_scan_ref(**args, return_steps=True)
+    conv_steps = conv_state_steps(args["conv_state"], args["xbc"])
+    assert steps.shape == (3, 9, 4, 8, 16) and conv_steps.shape == (3, 9, args["xbc"].shape[2], 4)
+    assert torch.equal(steps[:, -1], final)
+    for j in (0, 3, 8):
+        short = {**args, "xbc": args["xbc"][:, : j + 1], "dt": args["dt"][:, : j + 1]}
+        _, conv_j, state_j = seeded_mamba_scan_ref(**short)
+        assert torch.equal(steps[:, j], state_j) and torch.equal(conv_steps[:, j], conv_j)

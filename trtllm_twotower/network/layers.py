@@ -22,22 +22,23 @@ def attention(ops, cfg: TwoTowerConfig, w: dict, h, k_cache, v_cache, cache_lens
     return ops.linear(ops.merge_heads(o), w["o_proj"])
 
 
-def mamba2(ops, cfg: TwoTowerConfig, w: dict, h, conv_state, ssm_state):
+def mamba2(ops, cfg: TwoTowerConfig, w: dict, h, conv_state, ssm_state, per_position: bool = False):
     """Mamba2 mixer seeded with explicit state (spec §3, §5.4).
 
     h [B, L, D]; conv_state [B, C, W] (last raw xBC columns); ssm_state [B, heads, P, N] fp32.
-    Returns (out [B, L, D], new conv_state, new ssm_state)."""
+    Returns (out [B, L, D], new conv_state, new ssm_state, steps): steps is None, or with
+    ``per_position`` (conv states [B, L, C, W], fp32 ssm states [B, L, heads, P, N]) after each token."""
     # in_proj: z ‖ xBC ‖ dt
     proj = ops.linear(h, w["in_proj"])  # [B, L, d_inner + conv_dim + heads]
     z, xbc, dt = ops.split(proj, [cfg.d_inner, cfg.conv_dim, cfg.mamba_num_heads])
     # conv1d + SiLU + selective scan, fp32 state
-    y, conv_state, ssm_state = ops.mamba_scan(
+    y, conv_state, ssm_state, *steps = ops.mamba_scan(
         xbc, dt, w["conv_weight"], w["conv_bias"], w["dt_bias"], w["A_log"], w["D"], conv_state, ssm_state,
-        cfg.n_groups, cfg.mamba_head_dim,
+        cfg.n_groups, cfg.mamba_head_dim, per_position=per_position,
     )  # y [B, L, d_inner]
     # gated group norm (gate then norm), out_proj
     y = ops.gated_rms_norm(y, z, w["gated_norm"], cfg.n_groups, cfg.layer_norm_epsilon)
-    return ops.linear(y, w["out_proj"]), conv_state, ssm_state
+    return ops.linear(y, w["out_proj"]), conv_state, ssm_state, (tuple(steps) if steps else None)
 
 
 def relu2_mlp(ops, up, down, h):

@@ -152,11 +152,18 @@ class TorchOps:
         return self._block_attention(q, k, v, k_cache, v_cache, cache_lens, causal, write_cache)
 
     def mamba_scan(self, xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
-                   n_groups: int, head_dim: int):
-        """See ``plugins.reference.seeded_mamba_scan_ref``: (y, new conv state, new fp32 ssm state)."""
+                   n_groups: int, head_dim: int, per_position: bool = False):
+        """See ``plugins.reference.seeded_mamba_scan_ref``: (y, new conv state, new fp32 ssm state);
+        with ``per_position`` also the conv state [B, L, C, W] and fp32 SSM state [B, L, H, P, N]
+        after each token (speculative mode rolls back to them)."""
         self._op("mamba_scan")
-        return self._mamba_scan(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
-                                n_groups, head_dim)
+        if not per_position:
+            return self._mamba_scan(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
+                                    n_groups, head_dim)
+        scan = self._mamba_scan if self._mamba_scan is not _torch_mamba_scan else reference.seeded_mamba_scan_ref
+        y, new_conv, new_ssm, ssm_steps = scan(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state,
+                                               ssm_state, n_groups, head_dim, return_steps=True)
+        return y, new_conv, new_ssm, reference.conv_state_steps(conv_state, xbc), ssm_steps
 
     # ---- MoE ----------------------------------------------------------------------------------
     def moe_route(self, x: torch.Tensor, router: torch.Tensor, correction_bias: torch.Tensor, top_k: int,
@@ -179,9 +186,11 @@ class TorchOps:
 
         Grouped GEMMs over the (token, slot) pairs sorted by expert, no host synchronisation; each
         token's k outputs are then summed in fp32 in ascending expert order and rounded once, as
-        ``moe_experts_ref`` (the spec's loop, and the fallback without ``torch._grouped_mm``)."""
+        ``moe_experts_ref`` (the spec's loop, and the fallback without ``torch._grouped_mm``). Training
+        (autograd recording through the experts) also takes the loop: grouped GEMMs have no reliable
+        backward on the CPU."""
         self._op("moe_experts")
-        if not self._grouped_mm:
+        if not self._grouped_mm or (torch.is_grad_enabled() and (x.requires_grad or up.requires_grad)):
             return moe_experts_ref(x, idx, weights, up, down)
         tokens = x.reshape(-1, x.shape[-1])  # [n, H]
         n, k = idx.shape

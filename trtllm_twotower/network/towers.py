@@ -17,6 +17,18 @@ from . import layers
 
 
 @dataclass(frozen=True)
+class ExtendTrace:
+    """The Mamba states after every position of the last extend (speculative mode), keyed by layer.
+
+    conv: [B, L + 1, C, W]; ssm: [B, L + 1, heads, P, N] fp32. Index j = the state after the first
+    j tokens of the extend (0 = before it, L = the state the extend returned)."""
+
+    length: int  # L, tokens in the extend
+    conv: dict
+    ssm: dict
+
+
+@dataclass(frozen=True)
 class TowerState:
     """Explicit per-row state of the context tower (spec §4), keyed by layer index.
 
@@ -24,6 +36,7 @@ class TowerState:
     keys/values: attention layer -> [B, S, K, P] buffers (S = capacity), valid in [0, lengths[b]).
     conv: Mamba layer -> [B, C, W] last W raw xBC columns, most recent last (compute dtype).
     ssm: Mamba layer -> [B, heads, P, N] fp32 state after the last token.
+    trace: the per-position states of the extend that made this state, when it was asked for.
     K/V buffers are shared by successive states (appended in place past ``lengths``); conv/ssm
     tensors are replaced, never modified, so an older state stays valid for mock-AR.
     """
@@ -33,6 +46,7 @@ class TowerState:
     values: dict
     conv: dict
     ssm: dict
+    trace: ExtendTrace | None = None
 
     @property
     def batch(self) -> int:
@@ -57,17 +71,23 @@ def empty_state(cfg: TwoTowerConfig, batch: int, capacity: int, dtype: torch.dty
     )
 
 
-def stack_states(states: list[TowerState], capacity: int) -> TowerState:
-    """Batch single-row states of different lengths into one state with ``capacity`` slots."""
+def concat_states(states: list[TowerState], capacity: int) -> TowerState:
+    """The rows of several states (each of any batch and length) in one state with ``capacity``
+    slots per row; each row's K/V is copied up to its length."""
     lengths = torch.cat([s.lengths for s in states])
+    if int(lengths.max()) > capacity:
+        raise ValueError(f"concat_states: a row holds {int(lengths.max())} tokens, more than the capacity {capacity}")
     keys, values = {}, {}
-    for i in states[0].keys:
-        keys[i] = states[0].keys[i].new_zeros((len(states), capacity, *states[0].keys[i].shape[2:]))
+    for i, first in states[0].keys.items():
+        keys[i] = first.new_zeros((len(lengths), capacity, *first.shape[2:]))
         values[i] = torch.zeros_like(keys[i])
-        for b, s in enumerate(states):
-            n = int(s.lengths[0])
-            keys[i][b, :n] = s.keys[i][0, :n]
-            values[i][b, :n] = s.values[i][0, :n]
+        row = 0
+        for s in states:
+            for b in range(s.batch):
+                n = int(s.lengths[b])
+                keys[i][row, :n] = s.keys[i][b, :n]
+                values[i][row, :n] = s.values[i][b, :n]
+                row += 1
     return TowerState(
         lengths=lengths, keys=keys, values=values,
         conv={i: torch.cat([s.conv[i] for s in states]) for i in states[0].conv},
@@ -83,20 +103,35 @@ def select_rows(state: TowerState, rows: list[int]) -> TowerState:
                       conv=pick(state.conv), ssm=pick(state.ssm))
 
 
+def rollback(state: TowerState, keep: torch.Tensor) -> TowerState:
+    """The state after only the first ``keep[b]`` tokens of the extend that made ``state`` (which
+    must carry its trace): K/V by length (later slots are overwritten by the next extend), the
+    Mamba states picked from the per-position states of that same extend, not recomputed.
+    keep [B] int64 on the host, each in [0, L]."""
+    trace = state.trace
+    if trace is None:
+        raise ValueError("rollback: the state carries no per-position trace (extend with trace=True)")
+    if bool(((keep < 0) | (keep > trace.length)).any()):
+        raise ValueError(f"rollback: keep {keep.tolist()} outside [0, {trace.length}]")
+    rows = torch.arange(state.batch)
+    pick = lambda d: {i: t[rows.to(t.device), keep.to(t.device)] for i, t in d.items()}  # noqa: E731
+    return TowerState(lengths=state.lengths - trace.length + keep, keys=state.keys, values=state.values,
+                      conv=pick(trace.conv), ssm=pick(trace.ssm))
+
+
 def forward_layers(ops, cfg: TwoTowerConfig, w: dict, ids, state: TowerState, *, causal: bool,
-                   commit: bool, modulation=None):
+                   commit: bool, modulation=None, trace: bool = False):
     """Run every layer over ``ids`` [B, L] on top of ``state``.
 
-    commit=True (context tower): K/V appended, new Mamba states returned as a new TowerState.
+    commit=True (context tower): K/V appended, new Mamba states returned as a new TowerState
+    (with ``trace``, carrying the Mamba states after every position: see ``rollback``).
     commit=False (denoiser, mock-AR head): ``state`` is only read; returns None for the state.
     modulation: [B, 3D] adaLN-single output, or None for a plain NemotronH pass.
     Returns (hidden [B, L, D] after the final norm, new state or None)."""
-    L = ids.shape[1]
-    if commit and int(state.lengths.max()) + L > state.capacity:
-        raise ValueError(f"cache capacity {state.capacity} exceeded: {int(state.lengths.max())} + {L} tokens")
     eps = cfg.layer_norm_epsilon
     x = ops.embedding(w["embeddings"], ids)  # [B, L, D]
     conv, ssm = dict(state.conv), dict(state.ssm)
+    conv_steps, ssm_steps = {}, {}
     for i, kind in enumerate(cfg.layer_pattern):
         lw = w["layers"][i]
         # pre-norm; with modulation: modulate THEN norm for M and *, norm THEN modulate for E and -
@@ -110,9 +145,13 @@ def forward_layers(ops, cfg: TwoTowerConfig, w: dict, ids, state: TowerState, *,
                 h = ops.modulate(ops.rms_norm(x, lw["norm"], eps), shift, scale)
         # mixer
         if kind == MAMBA:
-            h, new_conv, new_ssm = layers.mamba2(ops, cfg, lw, h, state.conv[i], state.ssm[i])
+            h, new_conv, new_ssm, steps = layers.mamba2(ops, cfg, lw, h, state.conv[i], state.ssm[i],
+                                                        per_position=commit and trace)
             if commit:
                 conv[i], ssm[i] = new_conv, new_ssm
+            if steps is not None:  # index 0 = before the extend
+                conv_steps[i] = torch.cat([state.conv[i][:, None], steps[0]], dim=1)
+                ssm_steps[i] = torch.cat([state.ssm[i][:, None], steps[1]], dim=1)
         elif kind == ATTENTION:
             h = layers.attention(ops, cfg, lw, h, state.keys[i], state.values[i], state.lengths,
                                  causal=causal, write_cache=commit)
@@ -123,15 +162,19 @@ def forward_layers(ops, cfg: TwoTowerConfig, w: dict, ids, state: TowerState, *,
         # residual (the denoiser gates the mixer output first)
         x = ops.add(x, h if modulation is None else ops.mul(gate, h))
     x = ops.rms_norm(x, w["norm_f"], eps)
-    new_state = replace(state, lengths=state.lengths + L, conv=conv, ssm=ssm) if commit else None
-    return x, new_state
+    if not commit:
+        return x, None
+    steps = ExtendTrace(ids.shape[1], conv_steps, ssm_steps) if trace else None
+    return x, replace(state, lengths=state.lengths + ids.shape[1], conv=conv, ssm=ssm, trace=steps)
 
 
-def context_forward(ops, cfg: TwoTowerConfig, w: dict, state: TowerState, ids, *, logits: bool = True):
+def context_forward(ops, cfg: TwoTowerConfig, w: dict, state: TowerState, ids, *, logits: bool = True,
+                    trace: bool = False):
     """Context tower prefill / extend / single-token decode: one code path for every length.
 
-    ids [B, L] on top of ``state`` -> (fp32 logits [B, L, V] from ``context_lm_head`` or None, new state)."""
-    hidden, new_state = forward_layers(ops, cfg, w, ids, state, causal=True, commit=True)
+    ids [B, L] on top of ``state`` -> (fp32 logits [B, L, V] from ``context_lm_head`` or None, new state;
+    with ``trace`` the new state carries the per-position Mamba states, see ``rollback``)."""
+    hidden, new_state = forward_layers(ops, cfg, w, ids, state, causal=True, commit=True, trace=trace)
     return (ops.logits(hidden, w["lm_head"]) if logits else None), new_state
 
 

@@ -103,8 +103,12 @@ class TrtOps:
             self.written_caches[k_cache.name] = (k_written, v_written)
         return out
 
-    def mamba_scan(self, xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state, n_groups, head_dim):
+    def mamba_scan(self, xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state, n_groups, head_dim,
+                   per_position=False):
         from ..plugins.trt_layers import seeded_mamba_scan_plugin
+
+        if per_position:
+            raise NotImplementedError("per-position states (speculative mode) are not part of the engines yet")
 
         return seeded_mamba_scan_plugin(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
                                         n_groups, head_dim)

@@ -43,7 +43,7 @@ def _lib():
     lib.twotower_block_attention_workspace_floats.restype = _c_size
     lib.twotower_block_attention_num_splits.argtypes = [_c_int] * 6
     lib.twotower_block_attention_num_splits.restype = _c_int
-    lib.twotower_seeded_mamba_scan.argtypes = [_ptr] * 13 + [_c_int] * 9 + [_ptr]
+    lib.twotower_seeded_mamba_scan.argtypes = [_ptr] * 14 + [_c_int] * 9 + [_ptr]
     lib.twotower_seeded_mamba_scan.restype = _c_int
     lib.twotower_seeded_mamba_scan_workspace_bytes.argtypes = [_c_int] * 4
     lib.twotower_seeded_mamba_scan_workspace_bytes.restype = _c_size
@@ -148,8 +148,9 @@ def seeded_mamba_scan_shapes(xbc_shape, dt_shape, conv_state_shape, n_groups: in
 
 
 def seeded_mamba_scan(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
-                      n_groups: int, head_dim: int):
-    """See ``reference.seeded_mamba_scan_ref``: (y, new conv state, new fp32 ssm state); inputs unchanged."""
+                      n_groups: int, head_dim: int, return_steps: bool = False):
+    """See ``reference.seeded_mamba_scan_ref``: (y, new conv state, new fp32 ssm state[, fp32 ssm state
+    after each token [B, L, H, P, N]]); inputs unchanged."""
     _check_lead("xbc", xbc)
     y_shape, conv_shape, ssm_shape = seeded_mamba_scan_shapes(xbc.shape, dt.shape, conv_state.shape, n_groups, head_dim)
     B, L, C = xbc.shape
@@ -169,14 +170,15 @@ def seeded_mamba_scan(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_s
     y = torch.empty(y_shape, dtype=dtype, device=device)
     new_conv = torch.empty(conv_shape, dtype=dtype, device=device)
     new_ssm = torch.empty(ssm_shape, dtype=torch.float32, device=device)
+    ssm_steps = torch.empty((B, L, *ssm_shape[1:]), dtype=torch.float32, device=device) if return_steps else None
     workspace = torch.empty(max(1, lib.twotower_seeded_mamba_scan_workspace_bytes(B, L, C, _DTYPE_CODES[dtype])),
                             dtype=torch.uint8, device=device)
     _check(lib.twotower_seeded_mamba_scan(
         xbc.data_ptr(), dt.data_ptr(), conv_weight.data_ptr(), conv_bias.data_ptr(), dt_bias.data_ptr(),
         A_log.data_ptr(), D.data_ptr(), conv_state.data_ptr(), ssm_state.data_ptr(), y.data_ptr(),
-        new_conv.data_ptr(), new_ssm.data_ptr(), workspace.data_ptr(), B, L, C, W, H, head_dim, n_groups, N,
-        _DTYPE_CODES[dtype], _stream(device)))
-    return y, new_conv, new_ssm
+        new_conv.data_ptr(), new_ssm.data_ptr(), None if ssm_steps is None else ssm_steps.data_ptr(),
+        workspace.data_ptr(), B, L, C, W, H, head_dim, n_groups, N, _DTYPE_CODES[dtype], _stream(device)))
+    return (y, new_conv, new_ssm, ssm_steps) if return_steps else (y, new_conv, new_ssm)
 
 
 # ---- TensorRT plugins ---------------------------------------------------------------------------

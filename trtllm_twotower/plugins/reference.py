@@ -79,12 +79,15 @@ def seeded_mamba_scan_ref(
     ssm_state: torch.Tensor,  # [B, H, P, N] fp32  state after the last processed token
     n_groups: int,
     head_dim: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return_steps: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Seeded causal conv + SiLU, then the selective-state recurrence in fp32.
 
     Returns ``y`` [B, L, H*P] (dtype of xbc; C·S + D·x, before the gated norm), the new conv state
     [B, C, W] (last W raw columns of ``conv_state ‖ xbc``, dtype of conv_state) and the new fp32 SSM
-    state [B, H, P, N]. The inputs are not modified; the denoiser simply drops the new states.
+    state [B, H, P, N]; with ``return_steps`` also the fp32 SSM state after each token
+    [B, L, H, P, N] (speculative mode rolls the context back to any of them). The inputs are not
+    modified; the denoiser simply drops the new states.
     Head h reads group h // (H // G). The conv is seeded with the last W-1 columns of conv_state.
     """
     B, L, _ = xbc.shape
@@ -92,14 +95,27 @@ def seeded_mamba_scan_ref(
                                                        conv_state, n_groups, head_dim)
     # 3. sequential recurrence: S = exp(dt A) S + dt x ⊗ B; y = S C + D x
     state = ssm_state.float().clone()  # [B, H, P, N]
-    ys = []
+    ys, steps = [], []
     for t in range(L):
         decay = torch.exp(dt[:, t] * A)  # [B, H]
         state = decay[:, :, None, None] * state + (dt[:, t, :, None] * x[:, t])[..., None] * Bm[:, t, :, None, :]
         ys.append(torch.einsum("bhpn,bhn->bhp", state, Cm[:, t]) + D.float()[None, :, None] * x[:, t])
+        steps.append(state)
     y = torch.stack(ys, dim=1).reshape(B, L, -1) if L else x.reshape(B, 0, -1)
     # 4. one rounding of y to the compute dtype
+    if return_steps:
+        ssm_steps = torch.stack(steps, dim=1) if L else state.new_empty((B, 0, *state.shape[1:]))
+        return y.to(xbc.dtype), new_conv_state, state, ssm_steps
     return y.to(xbc.dtype), new_conv_state, state
+
+
+def conv_state_steps(conv_state: torch.Tensor, xbc: torch.Tensor) -> torch.Tensor:
+    """The conv state after each of the L new tokens: [B, L, C, W], entry t = the last W raw
+    columns of ``conv_state ‖ xbc[:, :t+1]`` (layout only; no arithmetic). conv_state [B, C, W],
+    xbc [B, L, C]."""
+    W = conv_state.shape[2]
+    seq = torch.cat([conv_state, xbc.transpose(1, 2).to(conv_state.dtype)], dim=2)  # [B, C, W + L]
+    return seq.unfold(2, W, 1)[:, :, 1:].permute(0, 2, 1, 3)  # [B, L, C, W]
 
 
 def _conv_and_params(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, conv_state, n_groups: int, head_dim: int):
@@ -112,9 +128,12 @@ def _conv_and_params(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, conv_state
     P, G = head_dim, n_groups
     N = (C - H * P) // (2 * G)
     # 1. depthwise causal conv over [W-1 seed columns ‖ L new columns], fp32 accumulate, SiLU, one rounding
+    # (one tap at a time, in tap order: a column's value never depends on how many columns there are)
     seq = torch.cat([conv_state[:, :, 1:].float(), xbc.transpose(1, 2).float()], dim=2)  # [B, C, W-1+L]
-    windows = seq.unfold(2, W, 1)  # [B, C, L, W]
-    conv = (windows * conv_weight.float()[None, :, None, :]).sum(-1) + conv_bias.float()[None, :, None]
+    w = conv_weight.float()[None, :, :, None]  # [1, C, W, 1]
+    conv = conv_bias.float()[None, :, None].expand(B, C, L)
+    for j in range(W):
+        conv = conv + w[:, :, j] * seq[:, :, j : j + L]  # [B, C, L]
     xbc_conv = F.silu(conv).to(xbc.dtype).transpose(1, 2)  # [B, L, C]
     new_conv_state = torch.cat([conv_state, xbc.transpose(1, 2).to(conv_state.dtype)], dim=2)[:, :, -W:]
     # 2. split into x [B, L, H, P], B and C [B, L, G, N]; dt = softplus(dt + dt_bias) in fp32

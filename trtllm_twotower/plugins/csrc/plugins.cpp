@@ -207,7 +207,7 @@ public:
                                           static_cast<float const*>(inputs[5]), static_cast<float const*>(inputs[6]),
                                           inputs[7], static_cast<float const*>(inputs[8]), outputs[0],
                                           mWrite ? outputs[1] : nullptr, mWrite ? static_cast<float*>(outputs[2]) : nullptr,
-                                          workspace, B, L, C, W, H, mP, mG, N, dtype_code(in[0].type), stream);
+                                          nullptr, workspace, B, L, C, W, H, mP, mG, N, dtype_code(in[0].type), stream);
     }
     PluginFieldCollection const* getFieldsToSerialize() noexcept override { return mFields.collection(); }
 

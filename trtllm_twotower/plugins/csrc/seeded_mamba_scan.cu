@@ -3,7 +3,8 @@
 //    last W-1 raw columns of conv_state; SiLU in fp32, one rounding to T (into the workspace); the
 //    new conv state is the last W raw columns of conv_state ‖ xbc.
 // 2. scan: one block per (head, row) keeps the head's [P, N] fp32 state in registers (each thread a
-//    slice of N for one p), walks the L tokens in order, reduces y over N with warp shuffles.
+//    slice of N for one p), walks the L tokens in order, reduces y over N with warp shuffles; when
+//    asked, it also stores the state after every token (speculative mode rolls back to them).
 #include <math.h>
 
 #include "common.cuh"
@@ -49,7 +50,8 @@ __global__ void conv_kernel(const T* __restrict__ xbc, const T* __restrict__ wei
 template <typename T, int PER_THREAD>
 __global__ void scan_kernel(const T* __restrict__ conv_out, const T* __restrict__ dt, const float* __restrict__ dt_bias,
                             const float* __restrict__ A_log, const float* __restrict__ D, const float* ssm_state_in,
-                            T* __restrict__ y, float* ssm_state_out, int L, int C, int H, int P, int G, int N) {
+                            T* __restrict__ y, float* ssm_state_out, float* __restrict__ ssm_states_out, int L, int C,
+                            int H, int P, int G, int N) {
     extern __shared__ float bc[];  // [0, N): B of the head's group; [N, 2N): C
     const int h = blockIdx.x, b = blockIdx.y;
     const int g = h / (H / G);
@@ -86,6 +88,11 @@ __global__ void scan_kernel(const T* __restrict__ conv_out, const T* __restrict_
         for (int offset = threads_per_p / 2; offset > 0; offset /= 2)
             partial += __shfl_xor_sync(0xffffffffu, partial, offset, threads_per_p);
         if (n0 == 0) store(y + (static_cast<size_t>(b) * L + t) * x_width + h * P + p, partial + Dh * x);
+        if (ssm_states_out != nullptr) {  // [B, L, H, P, N]: the state after token t
+            float* dst = ssm_states_out + ((static_cast<size_t>(b) * L + t) * H + h) * P * N + static_cast<size_t>(p) * N + n0;
+#pragma unroll
+            for (int i = 0; i < PER_THREAD; ++i) dst[i] = s[i];
+        }
     }
     if (ssm_state_out != nullptr)  // each block reads its own state before writing it: in place is safe
 #pragma unroll
@@ -106,29 +113,29 @@ int state_per_thread(int P, int N) {
 
 template <typename T, int PER_THREAD>
 void launch_scan_kernel(const T* conv_out, const void* dt, const float* dt_bias, const float* A_log, const float* D,
-                        const float* ssm_state_in, void* y, float* ssm_state_out, int B, int L, int C, int H, int P,
-                        int G, int N, cudaStream_t stream) {
+                        const float* ssm_state_in, void* y, float* ssm_state_out, float* ssm_states_out, int B, int L,
+                        int C, int H, int P, int G, int N, cudaStream_t stream) {
     scan_kernel<T, PER_THREAD><<<dim3(H, B), P * N / PER_THREAD, 2 * N * sizeof(float), stream>>>(
-        conv_out, static_cast<const T*>(dt), dt_bias, A_log, D, ssm_state_in, static_cast<T*>(y), ssm_state_out, L, C,
-        H, P, G, N);
+        conv_out, static_cast<const T*>(dt), dt_bias, A_log, D, ssm_state_in, static_cast<T*>(y), ssm_state_out,
+        ssm_states_out, L, C, H, P, G, N);
 }
 
 template <typename T>
 void launch_scan(const void* xbc, const void* dt, const void* conv_weight, const void* conv_bias, const float* dt_bias,
                  const float* A_log, const float* D, const void* conv_state_in, const float* ssm_state_in, void* y,
-                 void* conv_state_out, float* ssm_state_out, void* workspace, int B, int L, int C, int W, int H, int P,
-                 int G, int N, int per_thread, cudaStream_t stream) {
+                 void* conv_state_out, float* ssm_state_out, float* ssm_states_out, void* workspace, int B, int L,
+                 int C, int W, int H, int P, int G, int N, int per_thread, cudaStream_t stream) {
     T* conv_out = static_cast<T*>(workspace);
     conv_kernel<T><<<dim3((C + kConvThreads - 1) / kConvThreads, B), kConvThreads, 0, stream>>>(
         static_cast<const T*>(xbc), static_cast<const T*>(conv_weight), static_cast<const T*>(conv_bias),
         static_cast<const T*>(conv_state_in), conv_out, static_cast<T*>(conv_state_out), L, C, W);
     switch (per_thread) {  // the state slice size at compile time
-        case 1: launch_scan_kernel<T, 1>(conv_out, dt, dt_bias, A_log, D, ssm_state_in, y, ssm_state_out, B, L, C, H, P, G, N, stream); break;
-        case 2: launch_scan_kernel<T, 2>(conv_out, dt, dt_bias, A_log, D, ssm_state_in, y, ssm_state_out, B, L, C, H, P, G, N, stream); break;
-        case 4: launch_scan_kernel<T, 4>(conv_out, dt, dt_bias, A_log, D, ssm_state_in, y, ssm_state_out, B, L, C, H, P, G, N, stream); break;
-        case 8: launch_scan_kernel<T, 8>(conv_out, dt, dt_bias, A_log, D, ssm_state_in, y, ssm_state_out, B, L, C, H, P, G, N, stream); break;
-        case 16: launch_scan_kernel<T, 16>(conv_out, dt, dt_bias, A_log, D, ssm_state_in, y, ssm_state_out, B, L, C, H, P, G, N, stream); break;
-        default: launch_scan_kernel<T, 32>(conv_out, dt, dt_bias, A_log, D, ssm_state_in, y, ssm_state_out, B, L, C, H, P, G, N, stream);
+        case 1: launch_scan_kernel<T, 1>(conv_out, dt, dt_bias, A_log, D, ssm_state_in, y, ssm_state_out, ssm_states_out, B, L, C, H, P, G, N, stream); break;
+        case 2: launch_scan_kernel<T, 2>(conv_out, dt, dt_bias, A_log, D, ssm_state_in, y, ssm_state_out, ssm_states_out, B, L, C, H, P, G, N, stream); break;
+        case 4: launch_scan_kernel<T, 4>(conv_out, dt, dt_bias, A_log, D, ssm_state_in, y, ssm_state_out, ssm_states_out, B, L, C, H, P, G, N, stream); break;
+        case 8: launch_scan_kernel<T, 8>(conv_out, dt, dt_bias, A_log, D, ssm_state_in, y, ssm_state_out, ssm_states_out, B, L, C, H, P, G, N, stream); break;
+        case 16: launch_scan_kernel<T, 16>(conv_out, dt, dt_bias, A_log, D, ssm_state_in, y, ssm_state_out, ssm_states_out, B, L, C, H, P, G, N, stream); break;
+        default: launch_scan_kernel<T, 32>(conv_out, dt, dt_bias, A_log, D, ssm_state_in, y, ssm_state_out, ssm_states_out, B, L, C, H, P, G, N, stream);
     }
 }
 
@@ -142,9 +149,9 @@ extern "C" size_t twotower_seeded_mamba_scan_workspace_bytes(int B, int L, int C
 extern "C" int twotower_seeded_mamba_scan(const void* xbc, const void* dt, const void* conv_weight,
                                           const void* conv_bias, const float* dt_bias, const float* A_log,
                                           const float* D, const void* conv_state_in, const float* ssm_state_in,
-                                          void* y, void* conv_state_out, float* ssm_state_out, void* workspace,
-                                          int B, int L, int C, int W, int H, int P, int G, int N, int dtype,
-                                          cudaStream_t stream) {
+                                          void* y, void* conv_state_out, float* ssm_state_out, float* ssm_states_out,
+                                          void* workspace, int B, int L, int C, int W, int H, int P, int G, int N,
+                                          int dtype, cudaStream_t stream) {
     using namespace twotower;
     if (!xbc || !dt || !conv_weight || !conv_bias || !dt_bias || !A_log || !D || !conv_state_in || !ssm_state_in ||
         !y || (!workspace && L > 0))
@@ -155,7 +162,7 @@ extern "C" int twotower_seeded_mamba_scan(const void* xbc, const void* dt, const
     const int per_thread = state_per_thread(P, N);
     if (W > kMaxConvWidth || per_thread < 0) return TWOTOWER_ERR_UNSUPPORTED;
     TWOTOWER_DISPATCH_DTYPE(dtype, T, launch_scan<T>(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state_in,
-                                                     ssm_state_in, y, conv_state_out, ssm_state_out, workspace, B, L, C,
-                                                     W, H, P, G, N, per_thread, stream));
+                                                     ssm_state_in, y, conv_state_out, ssm_state_out, ssm_states_out,
+                                                     workspace, B, L, C, W, H, P, G, N, per_thread, stream));
     return launch_status();
 }

@@ -61,14 +61,15 @@ int twotower_block_attention_num_splits(int B, int L, int H, int K, int max_cach
 //   y              [B, L, H*P]    T      written (before the gated norm)
 //   conv_state_out [B, C, W]      T      written iff not NULL: last W raw columns of conv_state_in ‖ xbc
 //   ssm_state_out  [B, H, P, N]   fp32   written iff not NULL; may alias ssm_state_in
+//   ssm_states_out [B, L, H, P, N] fp32  written iff not NULL: the state after each of the L tokens
 //   workspace      bytes[twotower_seeded_mamba_scan_workspace_bytes(...)]   scratch (conv output)
 // Limits: P*N a multiple of the block size chosen inside (P*N >= 32), N / (elements per thread) a
 // power of two <= 32; the real model (P 64, N 128) and the tests' sizes qualify.
 int twotower_seeded_mamba_scan(const void* xbc, const void* dt, const void* conv_weight, const void* conv_bias,
                                const float* dt_bias, const float* A_log, const float* D, const void* conv_state_in,
                                const float* ssm_state_in, void* y, void* conv_state_out, float* ssm_state_out,
-                               void* workspace, int B, int L, int C, int W, int H, int P, int G, int N, int dtype,
-                               cudaStream_t stream);
+                               float* ssm_states_out, void* workspace, int B, int L, int C, int W, int H, int P, int G,
+                               int N, int dtype, cudaStream_t stream);
 size_t twotower_seeded_mamba_scan_workspace_bytes(int B, int L, int C, int dtype);
 
 #ifdef __cplusplus
