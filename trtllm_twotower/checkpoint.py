@@ -325,6 +325,18 @@ def assemble_tower_weights(
     return weights
 
 
+def tower_tensors(cfg: TwoTowerConfig, tower: str, weights: dict) -> dict[str, torch.Tensor]:
+    """The inverse of ``assemble_tower_weights`` (TwoTower layout): checkpoint key -> tensor, with
+    the on-disk shapes (conv weights [C, 1, W], one tensor per expert, one table per layer)."""
+    out = {}
+    for spec in tower_tensor_specs(cfg, TWOTOWER, tower):
+        node = weights
+        for part in spec.slot:
+            node = node[part]
+        out[spec.key] = node.detach().reshape(spec.shape)
+    return out
+
+
 class StreamingSafetensorsWriter:
     """Writes a safetensors file whose header is known up front, then the data tensor by tensor
     (a stacked tensor may come in pieces), so memory holds one source tensor at a time."""

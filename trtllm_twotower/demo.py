@@ -134,8 +134,9 @@ def write_tokenizer(directory: Path) -> None:
 
 
 def write_checkpoint(directory: str | Path, raw_config: dict, tensors: dict[str, torch.Tensor],
-                     num_shards: int = 3, with_tokenizer: bool = True) -> Path:
-    """Write config + sharded safetensors + index (+ tokenizer) atomically: a temp dir, then rename."""
+                     num_shards: int = 3, with_tokenizer: bool = True, extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write config + sharded safetensors + index (+ tokenizer, + ``extra_files`` by name) atomically:
+    a temp dir, then rename."""
     directory = Path(directory)
     with atomic_directory(directory) as tmp:
         (tmp / "config.json").write_text(json.dumps(raw_config, indent=2))
@@ -152,6 +153,8 @@ def write_checkpoint(directory: str | Path, raw_config: dict, tensors: dict[str,
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         if with_tokenizer:
             write_tokenizer(tmp)
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
     return directory
 
 
@@ -168,6 +171,17 @@ def default_demo_dir() -> Path:
     """Where the demo checkpoint lives when none is given: $TWOTOWER_DEMO_DIR or ~/.cache."""
     env = os.environ.get("TWOTOWER_DEMO_DIR")
     return Path(env) if env else Path.home() / ".cache" / "trtllm_twotower" / "demo_checkpoint"
+
+
+TRAINED_DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
+
+
+def default_checkpoint() -> Path:
+    """The checkpoint used when none is given: the shipped trained demo model (``demo_model/``,
+    see its TRAINING.md), else the random demo checkpoint."""
+    if (TRAINED_DEMO_DIR / "model.safetensors.index.json").is_file():
+        return TRAINED_DEMO_DIR
+    return ensure_demo_checkpoint()
 
 
 def ensure_demo_checkpoint(directory: str | Path | None = None) -> Path:

@@ -1,0 +1,1 @@
+"""Training of the small demo model (corpus, objectives, the resumable training loop)."""
