@@ -39,6 +39,7 @@ from trtllm_twotower.network import towers  # noqa: E402
 from trtllm_twotower.network.ops import TorchOps  # noqa: E402
 from trtllm_twotower.runtime import sampler  # noqa: E402
 from trtllm_twotower.runtime.executor import TorchExecutor  # noqa: E402
+from trtllm_twotower.runtime.scheduler import Scheduler  # noqa: E402
 
 # The released model's config.json fields (spec §1), as the tests and the build plan use them.
 REAL_CONFIG = json.loads((ROOT / "bench" / "real_config.json").read_text())
@@ -158,25 +159,34 @@ def time_steps(cfg, ctx_w, den_w, dtype, device, batch: int, context: int, args,
     return rows
 
 
+def run_scheduled(executor, cfg, mode, prompts, settings, device):
+    """One batch through a fresh scheduler, timed from submission to the last token."""
+    scheduler = Scheduler(executor, cfg, max_batch=len(prompts))
+    sync(device)
+    start = time.perf_counter()
+    ticket = scheduler.submit(mode, prompts, settings, list(range(len(prompts))))
+    scheduler.run_until(ticket)
+    sync(device)
+    return [r.out for r in ticket.rows], time.perf_counter() - start
+
+
 def time_generation(cfg, raw, ctx_w, den_w, dtype, device, args) -> list[dict]:
     executor = TorchExecutor(cfg, ctx_w, den_w, dtype, device, device)
     gen = torch.Generator().manual_seed(1)
     rows = []
     for batch in args.gen_batches:
         prompts = [torch.randint(4, cfg.vocab_size, (args.gen_prompt,), generator=gen).tolist() for _ in range(batch)]
-        for mode in ("diffusion", "mock-ar", "ar"):
+        for mode in ("diffusion", "speculative", "mock-ar", "ar"):
             settings = sampler.SamplerSettings(args.gen_tokens, 16, 16, args.threshold, 0.0, 0, 1.0,
                                                cfg.mask_token_id, None)
-            sampler.run(mode, executor, prompts, settings, [torch.Generator(device=device)] * batch)  # warm-up
-            sync(device)
-            outputs, seconds = sampler.run(mode, executor, prompts, settings,
-                                           [torch.Generator(device=device).manual_seed(0) for _ in range(batch)])
-            sync(device)
+            run_scheduled(executor, cfg, mode, prompts, settings, device)  # warm-up
+            outputs, seconds = run_scheduled(executor, cfg, mode, prompts, settings, device)
             tokens = sum(len(o.tokens) for o in outputs)
             steps = sum(o.steps for o in outputs)
+            forwards = sum(o.denoiser_forwards + o.context_forwards for o in outputs)
             rows.append({"mode": mode, "batch": batch, "tokens_per_s": tokens / seconds, "seconds": seconds,
-                         "tokens_per_step": tokens / max(1, steps)})
-            print(f"generate {mode:9s} B={batch:3d}  {tokens / seconds:9.1f} tok/s  tokens/step "
+                         "tokens_per_step": tokens / max(1, steps), "forwards_per_token": forwards / max(1, tokens)})
+            print(f"generate {mode:11s} B={batch:3d}  {tokens / seconds:9.1f} tok/s  tokens/step "
                   f"{rows[-1]['tokens_per_step']:.2f}", flush=True)
         if args.transformers and batch == 1:
             from trtllm_twotower.hf_reference import transformers_model_from_config

@@ -21,7 +21,7 @@ def test_bench_towers_smoke(tmp_path):
     for row in result["steps"]:
         assert row["floor_ms"] > 0 and row["ms"] > 0 and row["ratio_to_floor"] == row["ms"] / row["floor_ms"]
         assert 1 <= row["distinct_experts_mean"] <= 8
-    assert {r["mode"] for r in result["generation"]} == {"diffusion", "mock-ar", "ar"}
+    assert {r["mode"] for r in result["generation"]} == {"diffusion", "speculative", "mock-ar", "ar"}
 
 
 def test_bench_kernels_refuses_without_a_gpu_or_library():

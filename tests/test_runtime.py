@@ -203,10 +203,21 @@ def test_run_runtime_json_matches_api(demo_dir, runtime):
     assert bad.returncode == 2 and "steps_per_block: must be >= 1" in bad.stderr
 
 
-def test_checkpoint_without_tokenizer_is_one_clear_error(tmp_path):
+def test_checkpoint_without_tokenizer_runs_on_ids(tmp_path, runtime):
+    """Ids in, ids out need no tokenizer (as TensorRT-LLM's tools and tensorrtllm_backend work)."""
     from trtllm_twotower.config import config_from_dict
 
-    tensors = demo_tensors(config_from_dict(DEMO_CONFIG), seed=0)
+    tensors = demo_tensors(config_from_dict(DEMO_CONFIG), seed=0)  # the demo_dir weights
     bare = write_checkpoint(tmp_path / "bare", DEMO_CONFIG, tensors, with_tokenizer=False)
-    with pytest.raises(ValueError, match="tokenizer: cannot load one from"):
+    rt = TwoTowerRuntime.from_checkpoint(bare, dtype="float32")
+    kw = dict(max_new_tokens=12, block_size=8, temperature=0.5, seed=4)
+    res = rt.generate([[5, 6, 7, 8]], **kw)
+    assert res.text is None and res.output_ids == runtime.generate([[5, 6, 7, 8]], **kw).output_ids
+    events = []
+    rt.generate([[5, 6, 7, 8]], on_block=events.append, **kw)
+    assert events and all(e.text is None for e in events)
+    with pytest.raises(ValueError, match=r"prompts\[0\]: text needs a tokenizer"):
+        rt.generate(["text"], max_new_tokens=4)
+    (bare / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer: the files in"):
         TwoTowerRuntime.from_checkpoint(bare, dtype="float32")

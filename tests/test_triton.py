@@ -88,7 +88,7 @@ def test_grpc_stream_concatenates_to_unary(server, runtime):
     client.start_stream(callback=lambda result, error: responses.put((result, error)))
     inputs = []
     for name, value, dtype in (("text_input", np.array([[b"grpc"]], dtype=np.object_), "BYTES"),
-                               ("max_tokens", np.array([[16]], dtype=np.int32), "INT32"),
+                               ("max_tokens", np.array([[16]], dtype=np.int64), "INT64"),
                                ("stream", np.array([[True]]), "BOOL"),
                                ("mode", np.array([[b"mock-ar"]], dtype=np.object_), "BYTES")):
         tensor = grpcclient.InferInput(name, list(value.shape), dtype)
@@ -159,13 +159,23 @@ def test_disconnect_mid_stream_does_not_disturb_others(server, runtime):
 
 @pytest.mark.parametrize("body, message", [
     ({"max_tokens": 8}, "text_input"),
-    ({"text_input": "x", "max_tokens": -4}, "max_tokens: must be >= 1"),
+    ({"text_input": "x", "max_tokens": -4}, "max_tokens: must be in [1, 2^63-1], got -4"),
     ({"text_input": "x", "max_tokens": "many"}, None),  # JSON type errors: Triton rejects them itself
     ({"text_input": 17}, None),
     ({"text_input": "x", "confidence_threshold": 1.5}, "confidence_threshold"),
     ({"text_input": "x", "mode": "beam"}, "mode"),
     ({"text_input": "x", "block_size": 0}, "block_size"),
     ({"text_input": "x", "stream": "yes"}, None),
+    # each of these was accepted, wrapped or replaced before (issue 14)
+    ({"text_input": "x", "max_tokens": 2**32 + 8}, "max_tokens: prompt + output too long: 1 prompt tokens + 4294967304"),
+    ({"text_input": "x", "block_size": 2**32 + 16}, "block_size: must be in [1, 64], got 4294967312"),
+    ({"text_input": "x", "block_size": 1000}, "block_size: must be in [1, 64], got 1000"),
+    ({"text_input": "x", "max_tokens": 10**10}, "+ 10000000000 new tokens"),
+    ({"text_input": "x", "temperature": 1e39}, "temperature: inf is not a finite number"),
+    ({"text_input": "x", "max_token": 8}, "unknown parameter(s) 'max_token'"),
+    ({"text_input": "x", "random_seed": 2**63}, "random_seed: must be in [0, 2^63-1], got 9223372036854775808"),
+    ({"text_input": "x", "input_ids": [5, 6]}, "exactly one is required"),
+    ({"input_ids": [5, 999]}, "outside the vocabulary"),
 ])
 def test_malformed_requests_get_errors_and_server_keeps_serving(server, body, message):
     status, text = post(server, "generate", body)

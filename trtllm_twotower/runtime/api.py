@@ -6,7 +6,8 @@ and executors trust their inputs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,9 +15,11 @@ import torch
 
 from ..checkpoint import CONTEXT, DENOISER, NANO, CheckpointReader, load_tower_weights, resolve_keys
 from ..config import load_config
-from ..demo import ensure_demo_checkpoint
+from ..demo import default_checkpoint
 from . import sampler
 from .executor import TorchExecutor
+from .lanes import MODES, Row
+from .scheduler import Scheduler, Ticket
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -34,11 +37,12 @@ class BlockEvent:
 @dataclass(frozen=True)
 class GenerationResult:
     output_ids: list[list[int]]  # new tokens per prompt (up to and including EOS, at most max_new_tokens)
-    text: list[str]  # their decoded text, special tokens skipped
-    nfe: int  # forwards that produced tokens: denoiser steps (diffusion, mock-AR), decode steps (AR); max over rows
+    text: list[str] | None  # their decoded text, special tokens skipped (None without a tokenizer)
+    nfe: int  # forwards that produced tokens, max over rows (see ``lanes.RowOutput.steps``)
     nfe_per_row: list[int]
     tokens_per_step: float  # generated tokens / forwards, over all rows
     seconds: float
+    stats: dict = field(default_factory=dict)  # forwards of both towers; speculative acceptance
 
 
 def default_devices() -> tuple[str, str]:
@@ -69,25 +73,12 @@ def parse_device(name: str, argument: str) -> torch.device:
 
 @dataclass(frozen=True)
 class PreparedRequest:
-    """A validated, tokenized request. Requests with equal ``mode`` and ``settings`` can run as one
-    batch (``merge``): every row keeps its own seed, so its tokens do not change."""
+    """A validated, tokenized request: one row per prompt, each with its own seed."""
 
     mode: str
     prompt_ids: list[list[int]]
     settings: sampler.SamplerSettings
     seeds: list[int]
-
-    @property
-    def batch_key(self) -> tuple:
-        return (self.mode, self.settings)
-
-    @staticmethod
-    def merge(requests: list["PreparedRequest"]) -> "PreparedRequest":
-        first = requests[0]
-        if any(r.batch_key != first.batch_key for r in requests):
-            raise ValueError("merge: requests differ in mode or sampler settings")
-        return PreparedRequest(first.mode, [p for r in requests for p in r.prompt_ids], first.settings,
-                               [s for r in requests for s in r.seeds])
 
 
 class _TextStream:
@@ -99,7 +90,9 @@ class _TextStream:
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self.sent = [""] * rows
 
-    def push(self, row: int, token_ids: list[int], final: bool) -> str:
+    def push(self, row: int, token_ids: list[int], final: bool) -> str | None:
+        if self.tokenizer is None:
+            return None
         self.tokens[row].extend(token_ids)
         text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
         if not final:
@@ -111,32 +104,57 @@ class _TextStream:
         return delta
 
 
-class TwoTowerRuntime:
-    """Both towers on their devices plus the tokenizer; ``generate`` runs any mode on a batch."""
+def load_tokenizer(directory: Path):
+    """The checkpoint's tokenizer, or None when it ships no tokenizer files (ids in, ids out)."""
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
 
-    def __init__(self, cfg, executor, tokenizer, checkpoint_dir: Path, has_denoiser: bool):
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(f"tokenizer: the files in {directory} do not load ({err})") from err
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+class TwoTowerRuntime:
+    """Both towers on their devices plus the tokenizer; ``generate`` runs any mode on a batch.
+
+    Requests go through one in-flight-batching ``Scheduler`` (``runtime.scheduler``): the Python
+    API drives it in the caller's thread; a server starts it in the background (``serve``)."""
+
+    def __init__(self, cfg, executor, tokenizer, checkpoint_dir: Path, has_denoiser: bool,
+                 max_batch: int | None = None, memory_budget: int | None = None):
         self.cfg = cfg
         self.executor = executor
         self.tokenizer = tokenizer
         self.checkpoint_dir = checkpoint_dir
         self.has_denoiser = has_denoiser
+        self.scheduler = Scheduler(executor, cfg, max_batch=max_batch, memory_budget=memory_budget)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, backend: str = "torch", dtype: str = "bfloat16",
                         context_device: str | None = None, denoiser_device: str | None = None,
-                        engine_dir: str | Path | None = None) -> "TwoTowerRuntime":
+                        engine_dir: str | Path | None = None, max_batch: int | None = None,
+                        memory_budget: int | None = None) -> "TwoTowerRuntime":
         """Load an official checkpoint (TwoTower, or a Nano base for AR only). ``path=None`` uses the
-        built-in demo checkpoint, generated on first use. backend 'torch' runs the eager towers;
-        'trt' runs built engines from ``engine_dir`` (needs TensorRT-LLM 1.2 and a GPU)."""
+        built-in demo checkpoint. backend 'torch' runs the eager towers; 'trt' runs built engines
+        from ``engine_dir`` (needs TensorRT-LLM 1.2 and a GPU). ``max_batch`` / ``memory_budget``
+        (bytes of context state) bound the scheduler's running batch."""
         if backend not in ("torch", "trt"):
             raise ValueError(f"backend: expected 'torch' or 'trt', got {backend!r}")
         if dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
+        for name, value in (("max_batch", max_batch), ("memory_budget", memory_budget)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         default_ctx, default_den = default_devices()
         ctx_dev = parse_device(context_device or default_ctx, "context_device")
         # the denoiser follows an explicit context device unless given its own
         den_dev = parse_device(denoiser_device or context_device or default_den, "denoiser_device")
-        directory = Path(path) if path else ensure_demo_checkpoint()
+        directory = Path(path) if path else default_checkpoint()
         cfg = load_config(directory)
         reader = CheckpointReader(directory)
         layout, on_disk = resolve_keys(reader, cfg, (CONTEXT, DENOISER))
@@ -150,13 +168,8 @@ class TwoTowerRuntime:
             den = None if layout == NANO else load_tower_weights(reader, cfg, DENOISER, torch_dtype, den_dev,
                                                                  layout, on_disk)
             executor = TorchExecutor(cfg, ctx, den, torch_dtype, ctx_dev, den_dev)
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(directory)
-        except (OSError, ValueError) as err:
-            raise ValueError(f"tokenizer: cannot load one from {directory} ({err})") from err
-        return cls(cfg, executor, tokenizer, directory, has_denoiser=layout != NANO)
+        return cls(cfg, executor, load_tokenizer(directory), directory, has_denoiser=layout != NANO,
+                   max_batch=max_batch, memory_budget=memory_budget)
 
     # ---- generation -------------------------------------------------------------------------
     def _prompt_ids(self, prompts) -> list[list[int]]:
@@ -167,6 +180,9 @@ class TwoTowerRuntime:
         ids = []
         for i, p in enumerate(prompts):
             if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError(f"prompts[{i}]: text needs a tokenizer and {self.checkpoint_dir} has none; "
+                                     "pass token ids")
                 tokens = self.tokenizer.encode(p)
             elif isinstance(p, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
                 tokens = list(p)
@@ -193,32 +209,52 @@ class TwoTowerRuntime:
         self._validate(mode, settings, prompt_ids)
         seeds = [seed] * len(prompt_ids) if isinstance(seed, int) and not isinstance(seed, bool) else seed
         if (not isinstance(seeds, Sequence) or len(seeds) != len(prompt_ids)
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
-            raise ValueError(f"seed: expected a non-negative int or one per prompt ({len(prompt_ids)}), got {seed!r}")
+                or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 63 for s in seeds)):
+            raise ValueError(f"seed: expected an int in [0, 2^63) or one per prompt ({len(prompt_ids)}), got {seed!r}")
         return PreparedRequest(mode, prompt_ids, settings, list(seeds))
 
-    def run(self, request: "PreparedRequest", on_block: Callable[[BlockEvent], None] | None = None) -> GenerationResult:
-        """Generate for a prepared (validated) request."""
-        # draws happen where the logits are: the context device in AR mode, the denoiser's otherwise
-        device = self.executor.context_device if request.mode == "ar" else self.executor.denoiser_device
-        generators = [torch.Generator(device=device).manual_seed(s) for s in request.seeds]
+    def submit(self, request: "PreparedRequest", on_block: Callable[[BlockEvent], None] | None = None,
+               on_done: Callable[[Ticket], None] | None = None) -> Ticket:
+        """Queue a prepared request on the scheduler; returns its ticket (``done``, ``cancel()``,
+        ``result(ticket)``). ``on_block`` and ``on_done`` run on the scheduler's thread."""
         stream = _TextStream(self.tokenizer, len(request.prompt_ids))
-        on_commit = None
+        on_event = None
         if on_block is not None:
-            def on_commit(c: sampler.BlockCommit) -> None:
-                on_block(BlockEvent(c.row, c.token_ids, stream.push(c.row, c.token_ids, c.finished), c.finished))
+            def on_event(row: int, tokens: list[int], finished: bool) -> None:
+                on_block(BlockEvent(row, tokens, stream.push(row, tokens, finished), finished))
 
-        outputs, seconds = sampler.run(request.mode, self.executor, request.prompt_ids, request.settings,
-                                       generators, on_commit)
-        tokens = [o.tokens for o in outputs]
-        steps = [o.steps for o in outputs]
+        return self.scheduler.submit(request.mode, request.prompt_ids, request.settings, request.seeds, on_event,
+                                     on_done)
+
+    def result(self, ticket: Ticket) -> GenerationResult:
+        """The finished ticket's outputs (raises the error of a failed one)."""
+        if ticket.error is not None:
+            raise ticket.error
+        outs = [r.out for r in ticket.rows]
+        tokens = [o.tokens for o in outs]
+        steps = [o.steps for o in outs]
+        generated = sum(map(len, tokens))
+        den, ctx = sum(o.denoiser_forwards for o in outs), sum(o.context_forwards for o in outs)
+        stats = {"denoiser_forwards": den, "context_forwards": ctx,
+                 "forwards_per_token": (den + ctx) / max(1, generated)}
+        blocks = [a for o in outs for a in o.accepted]
+        if blocks:
+            tries = [sum(col) for col in zip(*(o.attempts_by_position for o in outs if o.attempts_by_position))]
+            hits = [sum(col) for col in zip(*(o.accepts_by_position for o in outs if o.accepts_by_position))]
+            stats.update(blocks=len(blocks), accepted_per_block=sum(blocks) / len(blocks),
+                         tokens_per_block=generated / len(blocks),
+                         acceptance_by_position=[h / t if t else None for h, t in zip(hits, tries)])
         return GenerationResult(
             output_ids=tokens,
-            text=[self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens],
-            nfe=max(steps), nfe_per_row=steps,
-            tokens_per_step=sum(map(len, tokens)) / max(1, sum(steps)),
-            seconds=seconds,
-        )
+            text=None if self.tokenizer is None else [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens],
+            nfe=max(steps), nfe_per_row=steps, tokens_per_step=generated / max(1, sum(steps)),
+            seconds=(ticket.finished or time.perf_counter()) - ticket.submitted, stats=stats)
+
+    def run(self, request: "PreparedRequest", on_block: Callable[[BlockEvent], None] | None = None) -> GenerationResult:
+        """Generate for a prepared (validated) request, waiting for it."""
+        ticket = self.submit(request, on_block)
+        self.scheduler.run_until(ticket)
+        return self.result(ticket)
 
     def generate(self, prompts, max_new_tokens: int = 64, mode: str = "diffusion", block_size: int = 16,
                  steps_per_block: int = 16, confidence_threshold: float = 0.8, temperature: float = 0.0,
@@ -234,11 +270,13 @@ class TwoTowerRuntime:
         return self.run(request, on_block)
 
     def _validate(self, mode: str, s: sampler.SamplerSettings, prompt_ids: list[list[int]]) -> None:
-        if mode not in sampler.MODES:
-            raise ValueError(f"mode: expected one of {sorted(sampler.MODES)}, got {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
         if mode != "ar" and not self.has_denoiser:
             raise ValueError(f"mode: {mode!r} needs a denoiser tower; this checkpoint ({self.checkpoint_dir}) "
                              "is a single-tower Nano base, use mode='ar'")
+        if mode not in self.executor.modes:
+            raise ValueError(f"mode: {mode!r} is not available with this backend (it runs {list(self.executor.modes)})")
         ints = {"max_new_tokens": s.max_new_tokens, "block_size": s.block_size,
                 "steps_per_block": s.steps_per_block, "top_k": s.top_k}
         for name, value in ints.items():
@@ -247,6 +285,9 @@ class TwoTowerRuntime:
         for name in ("max_new_tokens", "block_size", "steps_per_block"):
             if ints[name] < 1:
                 raise ValueError(f"{name}: must be >= 1, got {ints[name]}")
+        if mode == "speculative" and s.block_size < 2:
+            raise ValueError(f"block_size: speculative mode drafts at least one token after the known one; "
+                             f"must be >= 2, got {s.block_size}")
         if s.top_k < 0:
             raise ValueError(f"top_k: must be >= 0 (0 = off), got {s.top_k}")
         for name, value, lo, hi in (("confidence_threshold", s.confidence_threshold, 0.0, 1.0),
@@ -255,8 +296,9 @@ class TwoTowerRuntime:
                 raise ValueError(f"{name}: expected a number in [{lo}, {hi}], got {value!r}")
         if s.top_p == 0:
             raise ValueError("top_p: must be > 0")
-        if isinstance(s.temperature, bool) or not isinstance(s.temperature, (int, float)) or not s.temperature >= 0:
-            raise ValueError(f"temperature: expected a number >= 0, got {s.temperature!r}")
+        if (isinstance(s.temperature, bool) or not isinstance(s.temperature, (int, float))
+                or not 0 <= s.temperature < float("inf")):
+            raise ValueError(f"temperature: expected a finite number >= 0, got {s.temperature!r}")
         V = self.cfg.vocab_size
         if isinstance(s.mask_token_id, bool) or not isinstance(s.mask_token_id, int) or not 0 <= s.mask_token_id < V:
             raise ValueError(f"mask_token_id: {s.mask_token_id!r} is outside the vocabulary [0, {V})")
@@ -265,9 +307,10 @@ class TwoTowerRuntime:
                 raise ValueError(f"eos_token_id: {s.eos_token_id!r} is outside the vocabulary [0, {V})")
             if s.eos_token_id == s.mask_token_id:
                 raise ValueError(f"mask_token_id: equals eos_token_id ({s.eos_token_id})")
-        generated = -(-s.max_new_tokens // s.block_size) * s.block_size if mode == "diffusion" else s.max_new_tokens
         longest = max(map(len, prompt_ids))
+        probe = Row(mode, [0] * longest, s, 0, None, None)
         limit = self.cfg.max_position_embeddings
-        if longest + generated > limit:
-            raise ValueError(f"prompt + output too long: {longest} prompt tokens + {generated} generated "
-                             f"> the model's limit of {limit} tokens")
+        if probe.tokens_needed > limit:
+            raise ValueError(f"max_new_tokens: prompt + output too long: {longest} prompt tokens + {s.max_new_tokens} new tokens need "
+                             f"{probe.tokens_needed} cache slots in {mode} mode, more than the model's limit of "
+                             f"{limit} tokens")

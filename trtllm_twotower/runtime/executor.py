@@ -46,8 +46,17 @@ class StateMirror:
         return self._mirror
 
 
+def check_capacity(state, new_tokens: int) -> None:
+    """The runtime owns the host-side lengths: it, not the network, refuses to write past a cache."""
+    longest = int(state.lengths.max())
+    if longest + new_tokens > state.capacity:
+        raise ValueError(f"cache capacity {state.capacity} exceeded: {longest} + {new_tokens} tokens")
+
+
 class TorchExecutor:
     """Eager torch towers. ``den_weights`` may be None (a Nano checkpoint: AR mode only)."""
+
+    modes = ("diffusion", "speculative", "mock-ar", "ar")
 
     def __init__(self, cfg, ctx_weights: dict, den_weights: dict | None, dtype: torch.dtype,
                  context_device: torch.device, denoiser_device: torch.device):
@@ -75,12 +84,22 @@ class TorchExecutor:
                 last.append(self.ctx_ops.logits(hidden[:, -1], self.ctx_weights["lm_head"]))
             rows.append(state)
         logits = torch.cat(last) if len(last) == len(prompts) else None
-        return (rows[0] if len(rows) == 1 else towers.stack_states(rows, capacity)), logits
+        return (rows[0] if len(rows) == 1 else towers.concat_states(rows, capacity)), logits
 
     @torch.inference_mode()
-    def extend(self, state, tokens: torch.Tensor, logits: bool):
-        """tokens [B, L] -> (fp32 logits [B, L, V] or None, new state)."""
-        return towers.context_forward(self.ctx_ops, self.cfg, self.ctx_weights, state, tokens, logits=logits)
+    def extend(self, state, tokens: torch.Tensor, logits: bool, trace: bool = False):
+        """tokens [B, L] -> (fp32 logits [B, L, V] or None, new state). ``trace``: the new state
+        carries the Mamba states after every position, for ``rollback``."""
+        check_capacity(state, tokens.shape[1])
+        return towers.context_forward(self.ctx_ops, self.cfg, self.ctx_weights, state, tokens, logits=logits,
+                                      trace=trace)
+
+    def rollback(self, state, keep: torch.Tensor):
+        """The state after only the first keep[b] tokens of the traced extend that made ``state``."""
+        return towers.rollback(state, keep)
+
+    def concat(self, states: list, capacity: int):
+        return towers.concat_states(states, capacity)
 
     @torch.inference_mode()
     def denoise(self, state, block: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:

@@ -1,93 +1,23 @@
-"""The generation loops: mask diffusion, mock-AR and AR (spec §7), one implementation for every
-backend, written against the executor interface (``prefill``, ``extend``, ``denoise``).
+"""The sampling math of every mode (spec §7), batched, with per-row settings and per-row generators.
 
-The commit rule (``commit_step``) runs on the denoiser's device with tensor ops only: mask
-exclusion, softmax, argmax or Gumbel-max, confidence, threshold, floor and top-k, batched with a
-per-row masked count and timestep.
+- ``commit_step``: one mask-diffusion step (spec §7.1, per-row t and k, §7.2) as tensor ops on the
+  denoiser's device: mask exclusion, softmax, argmax or Gumbel-max, confidence, threshold, floor,
+  top-k commit.
+- ``ar_probs`` / ``sample_next``: the AR choice (spec §7.4): greedy, or temperature -> top_k -> top_p.
+- ``verify_draft``: speculative mode's acceptance rule, which makes the output exactly the AR
+  model's (greedy: token for token; sampled: in distribution).
+
+Every row draws only from its own generator, and only when it needs to, so a row's tokens never
+depend on the other rows of the batch. The loops that call these live in ``lanes.py``.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 
 MASK_LOGIT = -1e12  # the mask token can never be predicted (spec §7.1)
-
-
-@dataclass
-class BlockCommit:
-    """What one row committed: its new token ids, and whether the row is done."""
-
-    row: int
-    token_ids: list[int]
-    finished: bool
-
-
-@dataclass
-class RowOutput:
-    tokens: list[int] = field(default_factory=list)
-    steps: int = 0  # forwards that produced this row's tokens (denoiser steps, or decode steps in AR)
-    finished: bool = False
-
-
-def commit_step(x: torch.Tensor, logits: torch.Tensor, mask_id: int, step: int, steps: int,
-                threshold: float, temperature: float, generators: list[torch.Generator] | None = None):
-    """One mask-diffusion step for a batch of blocks (spec §7.1, per-row t and k, §7.2).
-
-    x [B, L] block ids (mask_id where masked); logits [B, L, V] fp32 from the denoiser.
-    Returns (new x [B, L], committed count [B]). Committed tokens never change. Among equal
-    confidences the lower position commits first (stable sort). ``generators``: one per row, used
-    only when temperature > 0 and only by rows that still have masked positions.
-    """
-    masked = x == mask_id  # [B, L]
-    n = masked.sum(-1)  # [B]
-    logits = logits.float().clone()
-    logits[..., mask_id] = MASK_LOGIT
-    probs = torch.softmax(logits, dim=-1)  # confidence always at temperature 1
-    if temperature <= 0:
-        pred = probs.argmax(-1)  # first maximal index on ties, as torch.argmax
-    else:
-        scores = torch.log_softmax(logits / temperature, dim=-1)
-        noise = torch.empty_like(scores)
-        for b, gen in enumerate(generators):
-            if int(n[b]) > 0:  # a finished row draws nothing: its stream matches a row run alone
-                noise[b].uniform_(generator=gen)
-        pred = (scores - torch.log(-torch.log(noise.clamp_min(1e-10)))).argmax(-1)
-    conf = probs.gather(-1, pred[..., None])[..., 0]  # [B, L]
-    if step == steps - 1:
-        k = n
-    else:
-        confident = ((conf > threshold) & masked).sum(-1)  # strict >
-        floor = (n + (steps - step) - 1) // (steps - step)  # ceil(n / (T - s))
-        k = torch.minimum(n, torch.maximum(confident.clamp_min(1), floor))
-    # commit the k most confident masked positions; committed ones sort last, ties by position
-    key = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
-    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(x.shape[1], device=x.device).expand_as(order))
-    commit = masked & (rank < k[:, None])
-    return torch.where(commit, pred, x), k
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generators: list[torch.Generator]) -> torch.Tensor:
-    """AR / mock-AR token choice (spec §7.4): greedy argmax, else softmax(logits / T) -> top_k ->
-    top_p -> one draw per row from its own generator. logits [B, V] -> tokens [B]."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_k > 0:
-        kth = torch.topk(probs, min(top_k, probs.shape[-1]), dim=-1).values[..., -1:]
-        probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
-    if top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest prefix reaching top_p
-        probs = probs.scatter(-1, order, torch.where(drop, torch.zeros_like(sorted_p), sorted_p))
-    probs = probs / probs.sum(-1, keepdim=True)
-    return torch.stack([torch.multinomial(probs[b], 1, generator=g)[0] for b, g in enumerate(generators)])
 
 
 @dataclass(frozen=True)
@@ -103,104 +33,183 @@ class SamplerSettings:
     eos_token_id: int | None
 
 
-OnCommit = Callable[[BlockCommit], None]
+def per_row(value, rows: int, device, dtype=torch.float32) -> torch.Tensor:
+    """A number, or one value per row, as a [rows] tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=dtype)
+    if isinstance(value, (list, tuple)):
+        return torch.tensor(value, dtype=dtype, device=device)
+    return torch.full((rows,), value, dtype=dtype, device=device)
 
 
-def _append(out: RowOutput, row: int, tokens: list[int], s: SamplerSettings, on_commit: OnCommit | None) -> None:
-    """Add a row's new tokens, truncated at EOS (kept) and at max_new_tokens; report them."""
-    room = s.max_new_tokens - len(out.tokens)
-    kept = tokens[:room]
-    if s.eos_token_id is not None and s.eos_token_id in kept:
-        kept = kept[: kept.index(s.eos_token_id) + 1]
-        out.finished = True
-    out.tokens.extend(kept)
-    if len(out.tokens) >= s.max_new_tokens:
-        out.finished = True
-    if on_commit is not None:
-        on_commit(BlockCommit(row, kept, out.finished))
+def commit_step(x: torch.Tensor, logits: torch.Tensor, mask_id: int, step: int, steps, threshold, temperature,
+                generators: list[torch.Generator] | None = None, confidence: str = "sampled",
+                return_probs: bool = False, masked: torch.Tensor | None = None):
+    """One mask-diffusion step for a batch of blocks (spec §7.1, per-row t and k, §7.2).
+
+    x [B, L] block ids (mask_id where masked); logits [B, L, V] fp32 from the denoiser. ``masked``
+    [B, L] bool: the positions still open, when they are not simply ``x == mask_id`` (a given token
+    may equal the mask id: speculative mode's known first token is any token the AR model chose). ``steps``,
+    ``threshold``, ``temperature``: a number or one per row. Returns (new x [B, L], committed count
+    [B]) and with ``return_probs`` the distribution each prediction was drawn from ([B, L, V],
+    temperature applied; None when every row is greedy). Committed tokens never change. Among equal
+    confidences the lower position commits first (stable sort). ``generators``: one per row, drawn
+    from only by rows with temperature > 0 that still have masked positions.
+    ``confidence``: "sampled" = the temperature-1 probability of the drawn token (the spec's rule);
+    "argmax" = the temperature-1 probability of the most likely token, which does not depend on
+    the draw (speculative drafts: the token's law given that it was committed stays the sampling law).
+    """
+    B, L = x.shape
+    device = x.device
+    steps = per_row(steps, B, device, torch.long)
+    threshold = per_row(threshold, B, device)
+    temperature = per_row(temperature, B, device)
+    masked = x == mask_id if masked is None else masked  # [B, L]
+    n = masked.sum(-1)  # [B]
+    logits = logits.float().clone()
+    logits[..., mask_id] = MASK_LOGIT
+    probs = torch.softmax(logits, dim=-1)  # confidence always at temperature 1
+    pred = probs.argmax(-1)  # first maximal index on ties, as torch.argmax
+    sample_probs = None
+    sampled_rows = [b for b in range(B) if float(temperature[b]) > 0]
+    if sampled_rows:
+        rows = torch.tensor(sampled_rows, device=device)
+        scores = torch.log_softmax(logits[rows] / temperature[rows, None, None], dim=-1)  # [b, L, V]
+        noise = torch.empty_like(scores)
+        draw = [int(n[b]) > 0 for b in sampled_rows]  # a finished row draws nothing
+        for i, b in enumerate(sampled_rows):
+            if draw[i]:
+                noise[i].uniform_(generator=generators[b])
+        gumbel = -torch.log(-torch.log(noise.clamp_min(1e-10)))
+        pred[rows] = torch.where(torch.tensor(draw, device=device)[:, None], (scores + gumbel).argmax(-1), pred[rows])
+        if return_probs:
+            sample_probs = torch.zeros_like(probs)
+            sample_probs[rows] = scores.exp()
+    chosen = probs.max(-1).values if confidence == "argmax" else probs.gather(-1, pred[..., None])[..., 0]  # [B, L]
+    confident = ((chosen > threshold[:, None]) & masked).sum(-1)  # strict >
+    remaining = (steps - step).clamp_min(1)
+    floor = (n + remaining - 1) // remaining  # ceil(n / (T - s))
+    k = torch.where(step >= steps - 1, n, torch.minimum(n, torch.maximum(confident.clamp_min(1), floor)))
+    # commit the k most confident masked positions; committed ones sort last, ties by position
+    key = torch.where(masked, chosen, torch.full_like(chosen, float("-inf")))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(L, device=device).expand_as(order))
+    commit = masked & (rank < k[:, None])
+    new_x = torch.where(commit, pred, x)
+    return (new_x, k, sample_probs) if return_probs else (new_x, k)
 
 
-def generate_diffusion(executor, prompts: list[list[int]], s: SamplerSettings, generators, on_commit=None):
-    """Block mask diffusion (spec §7.1): whole blocks until every row has max_new_tokens or an EOS."""
-    B, L = len(prompts), s.block_size
-    blocks = -(-s.max_new_tokens // L)
-    state, _ = executor.prefill(prompts, capacity=max(map(len, prompts)) + blocks * L)
-    outputs = [RowOutput() for _ in range(B)]
-    active = list(range(B))  # original row of each state row
-    for _ in range(blocks):
-        x = torch.full((len(active), L), s.mask_token_id, dtype=torch.long, device=executor.denoiser_device)
-        row_gens = [generators[r] for r in active]
-        for step in range(s.steps_per_block):
-            n = (x == s.mask_token_id).sum(-1)  # [B] masked per row
-            masked_rows = n.tolist()  # the step's one host synchronisation
-            if max(masked_rows) == 0:
-                break
-            logits = executor.denoise(state, x, n.float() / L)  # t = masked fraction per row
-            for i, r in enumerate(active):
-                outputs[r].steps += masked_rows[i] > 0
-            x, _ = commit_step(x, logits, s.mask_token_id, step, s.steps_per_block, s.confidence_threshold,
-                               s.temperature, row_gens)
-        block = x.to(executor.context_device)
-        for i, r in enumerate(active):
-            _append(outputs[r], r, block[i].tolist(), s, on_commit)
-        keep = [i for i, r in enumerate(active) if not outputs[r].finished]
-        if not keep:
-            break
-        # the context tower consumes the whole block, EOS and all (spec §7.3)
-        if len(keep) < len(active):
-            state, block = executor.select(state, keep), block[keep]
-            active = [active[i] for i in keep]
-        _, state = executor.extend(state, block, logits=False)
-    return outputs
+def ar_probs(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
+    """The AR sampling distribution (spec §7.4): softmax(logits / T) -> top_k -> top_p, renormalised;
+    a one-hot of the argmax for greedy rows (T = 0). logits [B, V]; settings a number or per row."""
+    B = logits.shape[0]
+    device = logits.device
+    temperature = per_row(temperature, B, device)
+    top_k = per_row(top_k, B, device, torch.long)
+    top_p = per_row(top_p, B, device)
+    greedy = temperature <= 0
+    probs = torch.softmax(logits.float() / torch.where(greedy, 1.0, temperature)[:, None], dim=-1)
+    if bool((top_k > 0).any()):
+        k = torch.where(top_k > 0, top_k.clamp_max(probs.shape[-1]), probs.shape[-1])
+        sorted_p = torch.sort(probs, dim=-1, descending=True).values
+        kth = sorted_p.gather(-1, (k - 1)[:, None])
+        probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
+    if bool((top_p < 1).any()):
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        drop = (sorted_p.cumsum(-1) - sorted_p > top_p[:, None]) & (top_p[:, None] < 1)  # keep the prefix reaching top_p
+        probs = probs.scatter(-1, order, torch.where(drop, torch.zeros_like(sorted_p), sorted_p))
+    probs = probs / probs.sum(-1, keepdim=True)
+    one_hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype)
+    return torch.where(greedy[:, None], one_hot, probs)
 
 
-def generate_ar(executor, prompts: list[list[int]], s: SamplerSettings, generators, on_commit=None):
-    """The context tower alone, one token per forward (spec §7.4)."""
-    state, logits = executor.prefill(prompts, capacity=max(map(len, prompts)) + s.max_new_tokens)
-    return _token_loop(executor, state, logits, s, generators, on_commit, mock_ar=False)
+def sample_next(logits: torch.Tensor, temperature, top_k, top_p, generators: list[torch.Generator]) -> torch.Tensor:
+    """AR / mock-AR token choice: greedy argmax, else one draw per row from its own generator from
+    ``ar_probs``. logits [B, V] -> tokens [B]."""
+    B = logits.shape[0]
+    temperature = per_row(temperature, B, logits.device)
+    tokens = logits.argmax(-1)
+    if bool((temperature > 0).any()):
+        probs = ar_probs(logits, temperature, top_k, top_p)
+        for b in range(B):
+            if float(temperature[b]) > 0:
+                tokens[b] = torch.multinomial(probs[b], 1, generator=generators[b])[0]
+    return tokens
 
 
-def generate_mock_ar(executor, prompts: list[list[int]], s: SamplerSettings, generators, on_commit=None):
-    """The denoiser as next-token head over the context (spec §7.5): it re-reads the last committed
-    token from the context's state before that token, without time conditioning."""
-    before, _ = executor.prefill([p[:-1] for p in prompts], capacity=max(map(len, prompts)) + s.max_new_tokens)
-    last = torch.tensor([[p[-1]] for p in prompts], device=executor.context_device)
-    _, state = executor.extend(before, last, logits=False)
-    return _token_loop(executor, state, None, s, generators, on_commit, mock_ar=True, before=before, last=last)
+def draft_law_known(commit_steps: torch.Tensor) -> torch.Tensor:
+    """[B, n] commit step of each draft -> [B, n] bool: the draft's sampling distribution is also its
+    law given the drafts before it, i.e. no earlier draft was committed at a later step (a later
+    commit may depend on this draft's value)."""
+    return torch.cummax(commit_steps, dim=-1).values <= commit_steps
 
 
-def _token_loop(executor, state, logits, s: SamplerSettings, generators, on_commit, *, mock_ar: bool,
-                before=None, last=None):
-    B = state.batch
-    outputs = [RowOutput() for _ in range(B)]
-    active = list(range(B))
-    for _ in range(s.max_new_tokens):
-        if mock_ar:
-            logits = executor.denoise(before, last.to(executor.denoiser_device), None)[:, -1]
-        tokens = sample_next(logits, s.temperature, s.top_k, s.top_p, [generators[r] for r in active])
-        token_list = tokens.tolist()
-        for i, r in enumerate(active):
-            outputs[r].steps += 1
-            _append(outputs[r], r, [token_list[i]], s, on_commit)
-        keep = [i for i, r in enumerate(active) if not outputs[r].finished]
-        if not keep:
-            break
-        tokens = tokens.to(executor.context_device)[:, None]
-        if len(keep) < len(active):
-            state, tokens = executor.select(state, keep), tokens[keep]
-            active = [active[i] for i in keep]
-        before = state
-        logits, state = executor.extend(state, tokens, logits=not mock_ar)
-        logits = None if logits is None else logits[:, -1]
-        last = tokens
-    return outputs
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of verifying one drafted block per row."""
+
+    accepted: list[int]  # drafted tokens accepted per row (positions 1 .. accepted)
+    next_token: torch.Tensor  # [B] the AR token for the position after the accepted ones
+    attempted: list[int]  # positions whose draft was judged per row (accepted + 1, or all L - 1)
 
 
-MODES = {"diffusion": generate_diffusion, "mock-ar": generate_mock_ar, "ar": generate_ar}
+def verify_draft(draft: torch.Tensor, commit_step_of: torch.Tensor, draft_probs: torch.Tensor | None,
+                 ar_logits: torch.Tensor, temperature, top_k, top_p, generators: list[torch.Generator]) -> Verdict:
+    """Speculative mode's acceptance rule, per row, over a drafted block.
 
+    draft [B, L]: position 0 is the already known next token, 1..L-1 the denoiser's drafts;
+    commit_step_of [B, L]: the denoiser step that committed each draft; draft_probs [B, L, V]: the
+    distribution each draft was drawn from (needed for rows with temperature > 0);
+    ar_logits [B, L, V]: the context tower's logits over the block (position j predicts j + 1).
 
-def run(mode: str, executor, prompts, s: SamplerSettings, generators, on_commit=None):
-    """Run a mode; returns (row outputs, seconds)."""
-    start = time.perf_counter()
-    outputs = MODES[mode](executor, prompts, s, generators, on_commit)
-    return outputs, time.perf_counter() - start
+    Greedy rows: a draft is accepted while it equals the AR argmax; the first mismatch takes the
+    argmax; a fully accepted block gets the next token from the last logits.
+    Sampled rows (speculative sampling): the draft at j is accepted with probability
+    min(1, p(d) / q(d)), on rejection the token is drawn from norm(max(0, p - q)). That rule is exact
+    only if q is the law of the draft given the accepted prefix, which holds when no earlier
+    position of the block was committed at a later denoiser step (the drafts are drawn with
+    draw-independent confidence, ``commit_step(confidence="argmax")``). Where an earlier position was
+    committed later, q is replaced by a point mass on the draft (accept with probability p(d),
+    else draw from p without d): exact whatever the drafting did. Each row draws L - 1 uniforms
+    and one token per block from its own generator.
+    """
+    B, L = draft.shape
+    device = ar_logits.device
+    temperature = per_row(temperature, B, device)
+    p = ar_probs(ar_logits.reshape(B * L, -1), temperature.repeat_interleave(L), per_row(top_k, B, device,
+                 torch.long).repeat_interleave(L), per_row(top_p, B, device).repeat_interleave(L)).view(B, L, -1)
+    drafts = draft[:, 1:].to(device)  # [B, L-1], predicted by positions 0 .. L-2
+    p_draft = p[:, :-1].gather(-1, drafts[..., None])[..., 0]  # [B, L-1]
+    greedy = temperature <= 0
+    accept = torch.zeros(B, L - 1, dtype=torch.bool, device=device)
+    accept[greedy] = drafts[greedy] == ar_logits[greedy, :-1].argmax(-1)
+    q_valid = q_draft = None
+    if bool((~greedy).any()):
+        q_valid = draft_law_known(commit_step_of[:, 1:].to(device))
+        q = draft_probs[:, 1:].to(device)
+        q_draft = q.gather(-1, drafts[..., None])[..., 0]
+        alpha = torch.where(q_valid, torch.clamp(p_draft / q_draft.clamp_min(1e-30), max=1.0), p_draft)
+        for b in range(B):
+            if not bool(greedy[b]):
+                accept[b] = torch.rand(L - 1, generator=generators[b], device=device) < alpha[b]
+    accepted = torch.cumprod(accept.long(), dim=-1).sum(-1).tolist()  # leading accepts
+    next_token = torch.empty(B, dtype=torch.long, device=device)
+    for b in range(B):
+        a = accepted[b]
+        if bool(greedy[b]):
+            next_token[b] = ar_logits[b, a].argmax()
+            continue
+        if a < L - 1:  # rejected at position a + 1: draw from the residual there
+            p_r, d = p[b, a], int(drafts[b, a])
+            if bool(q_valid[b, a]):
+                residual = torch.clamp(p_r - draft_probs[b, a + 1].to(device), min=0)
+            else:
+                residual = p_r.clone()
+                residual[d] = 0
+            dist = residual if float(residual.sum()) > 0 else p_r
+        else:
+            dist = p[b, L - 1]
+        next_token[b] = torch.multinomial(dist / dist.sum(), 1, generator=generators[b])[0]
+    attempted = [min(a + 1, L - 1) for a in accepted]
+    return Verdict(accepted, next_token, attempted)

@@ -39,6 +39,8 @@ def check_manifest(engine_dir: Path, cfg) -> dict:
 
 
 class TrtExecutor:
+    modes = ("diffusion", "ar")  # mock-AR needs an untimed denoiser, speculative per-position states
+
     def __init__(self, cfg, sessions: dict, manifest: dict, context_device, denoiser_device):
         self.cfg = cfg
         self.sessions = sessions
@@ -100,7 +102,7 @@ class TrtExecutor:
             logits, state = self.extend(state, torch.tensor([prompt]), logits=True)
             rows.append(state)
             last.append(logits[:, -1])
-        return (rows[0] if len(rows) == 1 else towers.stack_states(rows, self.capacity)), torch.cat(last)
+        return (rows[0] if len(rows) == 1 else towers.concat_states(rows, self.capacity)), torch.cat(last)
 
     def extend(self, state, tokens: torch.Tensor, logits: bool):
         out = self._run(CONTEXT, self.context_device, self._feeds(state, tokens, self.context_device))
@@ -122,3 +124,6 @@ class TrtExecutor:
 
     def select(self, state, rows: list[int]):
         return towers.select_rows(state, rows)
+
+    def concat(self, states: list, capacity: int):
+        return towers.concat_states(states, capacity)

@@ -1,55 +1,57 @@
-"""Triton python-backend model: Nemotron-Labs-TwoTower, both towers and the sampler loop.
+"""Triton python-backend model: Nemotron-Labs-TwoTower, both towers and the in-flight scheduler.
 
-Decoupled. Requests are validated one by one (a bad request gets one error response; the others
-are unaffected), queued, and run by one worker thread that batches the requests that arrived
-together with equal settings (each row keeps its own seed, so batching never changes a result).
+Decoupled. Each request is validated on its own (a bad request gets one error response; the
+others are unaffected) and submitted to the runtime's scheduler, which runs in a background thread:
+new requests join the running batch at the next block boundary, finished or cancelled ones leave
+at once (``trtllm_twotower.runtime.scheduler``). Responses are sent from the scheduler's thread.
 """
 
 from __future__ import annotations
 
 import json
-import queue
+import math
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
+INT64_MAX = 2**63 - 1
 
 # The runtime's names for the inputs that tensorrtllm_backend clients call otherwise.
-_INPUT_NAMES = {"max_new_tokens": "max_tokens", "seed": "random_seed"}
+_INPUT_NAMES = {"max_new_tokens": "max_tokens", "seed": "random_seed", "prompts[0]": "text_input"}
 
 
 class RequestError(ValueError):
-    """A request the model cannot serve; the message names the input."""
-
-
-class _AllCancelled(Exception):
-    """Every client of a running batch has gone away."""
+    """A request the model cannot serve; the message names the input and quotes its value."""
 
 
 def _send(sender, response=None, flags: int = 0) -> None:
-    """Send, never raising: a client that vanished must not take the worker thread down with it."""
+    """Send, never raising: a client that vanished must not take the scheduler thread down with it."""
     try:
         sender.send(response, flags=flags)
     except Exception as err:  # noqa: BLE001 - logged, the other requests go on
         pb_utils.Logger.log_warn(f"twotower: could not send a response ({err})")
 
 
+def _error(sender, message: str) -> None:
+    _send(sender, pb_utils.InferenceResponse(error=pb_utils.TritonError(f"twotower: {message}")), FINAL)
+
+
 class TritonPythonModel:
     """I/O contract (also in config.pbtxt):
 
-    inputs  text_input STRING [1,1] (required); optional: max_tokens INT32, stream BOOL,
-            temperature FP32, random_seed UINT64, mode STRING (diffusion | mock-ar | ar),
-            block_size INT32, steps_per_block INT32, confidence_threshold FP32 — each [1,1];
-            defaults come from the model's parameters.
-    outputs text_output STRING [1,-1], nfe INT32 [1,1], tokens_per_step FP32 [1,1].
-    stream=false: one response with the whole text and the stats, flagged final.
-    stream=true: one response per committed block (per token in AR / mock-AR) carrying the text it
-            adds, then one response with the stats (empty text) flagged final.
+    inputs  text_input STRING [1,1] or input_ids INT32 [1,-1] (exactly one); optional, each [1,1]:
+            max_tokens INT64, stream BOOL, temperature FP32, top_k INT64, top_p FP32, random_seed UINT64,
+            mode STRING (diffusion | speculative | mock-ar | ar), block_size INT64, steps_per_block INT64,
+            confidence_threshold FP32. Defaults come from the model's parameters. Unknown request
+            parameters are refused (a typo must not be ignored).
+    outputs text_output STRING [1,-1] (absent when the checkpoint has no tokenizer), output_ids INT32
+            [1,-1], nfe INT32 [1,1], tokens_per_step FP32 [1,1].
+    stream=false: one response with everything, flagged final.
+    stream=true: one response per committed block (per token in AR / mock-AR) with the text and ids
+            it adds, then one response with the stats (no new text) flagged final.
     Errors: one response carrying the error, flagged final.
     """
 
@@ -61,28 +63,28 @@ class TritonPythonModel:
         root = Path(params.get("project_root") or Path(__file__).resolve().parents[3])
         if str(root) not in sys.path:  # the stub ignores the server's PYTHONPATH
             sys.path.insert(0, str(root))
-        from trtllm_twotower.runtime import PreparedRequest, TwoTowerRuntime
+        from trtllm_twotower.runtime import TwoTowerRuntime
 
-        self._merge = PreparedRequest.merge
-        self.runtime = TwoTowerRuntime.from_checkpoint(
-            params.get("checkpoint_dir") or None, backend=params.get("backend") or "torch",
-            dtype=params.get("dtype") or "bfloat16", context_device=params.get("context_device") or None,
-            denoiser_device=params.get("denoiser_device") or None, engine_dir=params.get("engine_dir") or None)
         try:
+            limits = {k: int(params[k]) for k in ("max_batch", "memory_budget") if params.get(k)}
             self.defaults = {
                 "max_tokens": int(params.get("max_tokens", 64)), "mode": params.get("mode", "diffusion"),
                 "block_size": int(params.get("block_size", 16)), "steps_per_block": int(params.get("steps_per_block", 16)),
                 "confidence_threshold": float(params.get("confidence_threshold", 0.8)),
             }
-            self.max_batch = int(params.get("max_batch", 8))
+            self.max_block_size = int(params.get("max_block_size", 64))
         except ValueError as err:
-            raise pb_utils.TritonModelException(f"twotower: bad sampler default in config.pbtxt parameters: {err}")
-        self.runtime.prepare("check", max_new_tokens=self.defaults["max_tokens"], mode=self.defaults["mode"],
+            raise pb_utils.TritonModelException(f"twotower: bad value in config.pbtxt parameters: {err}")
+        self.runtime = TwoTowerRuntime.from_checkpoint(
+            params.get("checkpoint_dir") or None, backend=params.get("backend") or "torch",
+            dtype=params.get("dtype") or "bfloat16", context_device=params.get("context_device") or None,
+            denoiser_device=params.get("denoiser_device") or None, engine_dir=params.get("engine_dir") or None,
+            **limits)
+        self.runtime.prepare([[5]], max_new_tokens=self.defaults["max_tokens"], mode=self.defaults["mode"],
                              block_size=self.defaults["block_size"], steps_per_block=self.defaults["steps_per_block"],
                              confidence_threshold=self.defaults["confidence_threshold"])
-        self.jobs: queue.Queue = queue.Queue()
-        self.worker = threading.Thread(target=self._work, name="twotower-worker", daemon=True)
-        self.worker.start()
+        self.inputs = {i["name"] for i in self.model_config["input"]}
+        self.runtime.scheduler.start()
 
     # ---- requests -------------------------------------------------------------------------------
     def execute(self, requests):
@@ -91,113 +93,128 @@ class TritonPythonModel:
             try:
                 prepared, stream = self._parse(request)
             except ValueError as err:  # RequestError, or the runtime's own parameter check
-                message = str(err)
-                for runtime_name, input_name in _INPUT_NAMES.items():
-                    if message.startswith(runtime_name + ":"):
-                        message = input_name + message[len(runtime_name):]
-                _send(sender, pb_utils.InferenceResponse(error=pb_utils.TritonError(f"twotower: {message}")), FINAL)
+                _error(sender, _client_names(str(err)))
                 continue
-            self.jobs.put((prepared, stream, sender))
+            self._submit(prepared, stream, sender)
         return None
 
-    def _input(self, request, name: str, kind):
+    def _submit(self, prepared, stream: bool, sender) -> None:
+        tokenizer = self.runtime.tokenizer
+        state = {"ticket": None}
+
+        def on_block(event):
+            if sender.is_cancelled():
+                state["ticket"].cancel()  # leaves the batch at the next block boundary
+                return
+            if stream and event.token_ids:
+                _send(sender, pb_utils.InferenceResponse(_outputs(event.text, event.token_ids, tokenizer)))
+
+        def on_done(ticket):
+            if ticket.error is not None:
+                _error(sender, f"generation failed: {ticket.error}")
+                return
+            if ticket.cancelled:
+                _send(sender, flags=FINAL)
+                return
+            result = self.runtime.result(ticket)
+            tokens = result.output_ids[0]
+            text = None if result.text is None else ("" if stream else result.text[0])
+            outputs = _outputs(text, [] if stream else tokens, tokenizer)
+            outputs += [pb_utils.Tensor("nfe", np.array([[result.nfe]], dtype=np.int32)),
+                        pb_utils.Tensor("tokens_per_step", np.array([[result.tokens_per_step]], dtype=np.float32))]
+            _send(sender, pb_utils.InferenceResponse(outputs), FINAL)
+
+        state["ticket"] = self.runtime.submit(prepared, on_block, on_done)
+
+    def _input(self, request, name: str):
+        """The one value of an optional [1, 1] input, or None."""
         tensor = pb_utils.get_input_tensor_by_name(request, name)
         if tensor is None:
             return None
         value = tensor.as_numpy()
         if value.size != 1:
             raise RequestError(f"{name}: expected one value, got shape {list(value.shape)}")
-        value = value.reshape(-1)[0]
-        if kind is str:
-            return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
-        return kind(value)
+        return value.reshape(-1)[0]
+
+    def _int(self, request, name: str, default: int, lo: int, hi: int = INT64_MAX) -> int:
+        value = self._input(request, name)
+        if value is None:
+            return default
+        value = int(value)  # INT64 / UINT64 inputs: nothing was narrowed on the way in
+        if not lo <= value <= hi:
+            raise RequestError(f"{name}: must be in [{lo}, {'2^63-1' if hi == INT64_MAX else hi}], got {value}")
+        return value
+
+    def _float(self, request, name: str, default: float) -> float:
+        value = self._input(request, name)
+        if value is None:
+            return default
+        value = float(value)
+        if not math.isfinite(value):
+            raise RequestError(f"{name}: {value} is not a finite number (FP32 input; values beyond 3.4e38 become inf)")
+        return value
 
     def _parse(self, request):
-        text = self._input(request, "text_input", str)
-        if text is None:
-            raise RequestError("text_input: required")
+        unknown = sorted(k for k in json.loads(request.parameters() or "{}") if not k.startswith("triton_"))
+        if unknown:
+            raise RequestError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; the inputs are "
+                               f"{', '.join(sorted(self.inputs))}")
+        prompt = self._prompt(request)
         d = self.defaults
-        max_tokens = self._input(request, "max_tokens", int)
-        seed = self._input(request, "random_seed", int)
+        mode = self._input(request, "mode")
+        mode = d["mode"] if mode is None else _utf8(mode, "mode")
         prepared = self.runtime.prepare(
-            [text],
-            max_new_tokens=d["max_tokens"] if max_tokens is None else max_tokens,
-            mode=self._input(request, "mode", str) or d["mode"],
-            block_size=self._or(self._input(request, "block_size", int), d["block_size"]),
-            steps_per_block=self._or(self._input(request, "steps_per_block", int), d["steps_per_block"]),
-            confidence_threshold=self._or(self._input(request, "confidence_threshold", float), d["confidence_threshold"]),
-            temperature=self._or(self._input(request, "temperature", float), 0.0),
-            seed=0 if seed is None else seed,
+            [prompt],
+            max_new_tokens=self._int(request, "max_tokens", d["max_tokens"], 1),
+            mode=mode,
+            block_size=self._int(request, "block_size", d["block_size"], 1, self.max_block_size),
+            steps_per_block=self._int(request, "steps_per_block", d["steps_per_block"], 1, 1024),
+            confidence_threshold=self._float(request, "confidence_threshold", d["confidence_threshold"]),
+            temperature=self._float(request, "temperature", 0.0),
+            top_k=self._int(request, "top_k", 0, 0),
+            top_p=self._float(request, "top_p", 1.0),
+            seed=self._int(request, "random_seed", 0, 0),
         )
-        return prepared, bool(self._input(request, "stream", bool))
+        stream = self._input(request, "stream")
+        return prepared, bool(stream) if stream is not None else False
 
-    @staticmethod
-    def _or(value, default):
-        return default if value is None else value
-
-    # ---- the worker ---------------------------------------------------------------------------
-    def _work(self):
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            batch = [job]
-            while len(batch) < self.max_batch:  # take what arrived meanwhile
-                try:
-                    more = self.jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self.jobs.put(None)
-                    break
-                batch.append(more)
-            groups: dict = {}
-            for item in batch:
-                groups.setdefault(item[0].batch_key, []).append(item)
-            for group in groups.values():
-                self._run(group)
-
-    def _run(self, group):
-        live = [True] * len(group)
-
-        def on_block(event):
-            prepared, stream, sender = group[event.row]
-            if not live[event.row]:
-                return
-            if sender.is_cancelled():
-                live[event.row] = False
-                if not any(live):
-                    raise _AllCancelled
-                return
-            if stream:
-                _send(sender, pb_utils.InferenceResponse([_text(event.text)]))
-
-        try:
-            result = self.runtime.run(self._merge([g[0] for g in group]), on_block=on_block)
-        except _AllCancelled:
-            for _, _, sender in group:
-                _send(sender, flags=FINAL)
-            return
-        except Exception as err:  # noqa: BLE001 - every client must hear about a failed batch
-            for _, _, sender in group:
-                _send(sender, pb_utils.InferenceResponse(error=pb_utils.TritonError(f"twotower: generation failed: {err}")),
-                      FINAL)
-            return
-        for row, (_, stream, sender) in enumerate(group):
-            if not live[row]:
-                _send(sender, flags=FINAL)
-                continue
-            tokens = len(result.output_ids[row])
-            nfe = result.nfe_per_row[row]
-            outputs = [_text("" if stream else result.text[row]),
-                       pb_utils.Tensor("nfe", np.array([[nfe]], dtype=np.int32)),
-                       pb_utils.Tensor("tokens_per_step", np.array([[tokens / max(1, nfe)]], dtype=np.float32))]
-            _send(sender, pb_utils.InferenceResponse(outputs), FINAL)
+    def _prompt(self, request):
+        text = self._input(request, "text_input")
+        ids = pb_utils.get_input_tensor_by_name(request, "input_ids")
+        if (text is None) == (ids is None):
+            raise RequestError("text_input or input_ids: exactly one is required")
+        if ids is not None:
+            values = ids.as_numpy().reshape(-1)
+            if values.size == 0:
+                raise RequestError("input_ids: empty")
+            return [int(v) for v in values]
+        if self.runtime.tokenizer is None:
+            raise RequestError("text_input: this model's checkpoint has no tokenizer; send input_ids")
+        return _utf8(text, "text_input")
 
     def finalize(self):
-        self.jobs.put(None)  # in-flight and queued requests finish first
-        self.worker.join()
+        self.runtime.scheduler.stop()  # in-flight and queued requests finish first
 
 
-def _text(value: str):
-    return pb_utils.Tensor("text_output", np.array([[value.encode("utf-8")]], dtype=np.object_))
+def _utf8(value, name: str) -> str:
+    if not isinstance(value, bytes):
+        return str(value)
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise RequestError(f"{name}: not valid UTF-8 ({err.reason} at byte {err.start}: {value[err.start:err.start + 4]!r})")
+
+
+def _client_names(message: str) -> str:
+    """The runtime's parameter names in errors, as the client called them."""
+    for runtime_name, input_name in _INPUT_NAMES.items():
+        if message.startswith(runtime_name + ":"):
+            return input_name + message[len(runtime_name):]
+    return message
+
+
+def _outputs(text, token_ids: list[int], tokenizer) -> list:
+    outputs = [pb_utils.Tensor("output_ids", np.array([token_ids], dtype=np.int32).reshape(1, -1))]
+    if tokenizer is not None:
+        outputs.append(pb_utils.Tensor("text_output", np.array([[(text or "").encode("utf-8")]], dtype=np.object_)))
+    return outputs

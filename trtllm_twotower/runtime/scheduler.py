@@ -1,0 +1,255 @@
+"""In-flight batching at block boundaries: one scheduler owns the running rows of every request.
+
+``submit`` queues a request's rows (any thread); each ``step`` first admits waiting rows that fit
+(prefilled alone, then joined to the lane of their mode and block size), then advances every lane
+by one unit (a block, or a token for AR / mock-AR). Finished and cancelled rows leave at once, so a
+new request waits at most one unit for its turn, never for the running batch to finish. Rows with
+different thresholds, temperatures, seeds, step budgets and lengths share forwards (per-row values
+in the commit rule); every row keeps its own generators, so its tokens equal running it alone.
+
+The batch capacity comes from memory: a row's state (K/V for its length, conv and fp32 SSM states,
+speculative mode's per-position states) is counted against ``memory_budget`` bytes (default: 80 %
+of the free memory of the context device, or a quarter of the host's RAM on CPU), and at most
+``max_batch`` rows run at once. The Python API drives a scheduler in the caller's thread; the
+servers run one in a background thread (``start``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+import torch
+
+from ..config import ATTENTION, MAMBA
+from .lanes import LANES, Row, lane_key
+from .sampler import SamplerSettings
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_BATCH = 256
+
+
+class CapacityError(ValueError):
+    """A request that cannot run within the scheduler's memory budget even alone."""
+
+
+class Ticket:
+    """A submitted request: its rows in order, streamed events, completion and errors.
+
+    ``on_event(index, new_token_ids, finished)`` and ``on_done(ticket)`` (once, after the last event
+    or a failure) are called from the scheduler's thread."""
+
+    def __init__(self, on_event: Callable[[int, list[int], bool], None] | None,
+                 on_done: Callable[["Ticket"], None] | None = None):
+        self.rows: list[Row] = []
+        self.on_event = on_event
+        self.on_done = on_done
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.submitted = time.perf_counter()
+        self.first_tokens: float | None = None  # when the first row got its first tokens
+        self.finished: float | None = None
+        self._open = 0
+
+    def cancel(self) -> None:
+        """Every row leaves at the next unit boundary (its last event has finished=True)."""
+        for r in self.rows:
+            r.cancelled = True
+
+    @property
+    def cancelled(self) -> bool:
+        return any(r.out.cancelled for r in self.rows)
+
+    def _emit(self, row: Row, tokens: list[int]) -> None:
+        if tokens and self.first_tokens is None:
+            self.first_tokens = time.perf_counter()
+        if self.on_event is not None and self.error is None:
+            self.on_event(row.index, tokens, row.out.finished)
+        if row.out.finished:
+            self._open -= 1
+            if self._open == 0:
+                self._close()
+
+    def _fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        self.cancel()
+        self._close()
+
+    def _close(self) -> None:
+        if not self.done.is_set():
+            self.finished = time.perf_counter()
+            self.done.set()
+            if self.on_done is not None:
+                self.on_done(self)
+
+
+def row_state_bytes(cfg, dtype: torch.dtype, capacity: int, trace_len: int = 0) -> int:
+    """Bytes of one row's context state: K/V for ``capacity`` tokens, conv and fp32 SSM states,
+    and (speculative mode) the per-position states of a ``trace_len``-token extend."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    kv = len(cfg.layers_of(ATTENTION)) * 2 * capacity * cfg.num_key_value_heads * cfg.head_dim * elt
+    conv = cfg.conv_dim * cfg.conv_kernel * elt
+    ssm = cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size * 4
+    per_mamba = (conv + ssm) * (1 + (trace_len + 1 if trace_len else 0))
+    return kv + len(cfg.layers_of(MAMBA)) * per_mamba
+
+
+def default_memory_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.8 * free)
+    return int(0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+class Scheduler:
+    def __init__(self, executor, cfg, max_batch: int | None = None, memory_budget: int | None = None):
+        self.executor = executor
+        self.cfg = cfg
+        self.max_batch = max_batch or DEFAULT_MAX_BATCH
+        self.memory_budget = memory_budget if memory_budget is not None else \
+            default_memory_budget(executor.context_device)
+        self.lanes: dict[tuple, object] = {}
+        self._waiting: deque[Row] = deque()
+        self._lock = threading.Lock()  # guards _waiting
+        self._wake = threading.Condition(self._lock)
+        self._drive = threading.Lock()  # one thread steps at a time
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ---- requests (any thread) -----------------------------------------------------------------------
+    def submit(self, mode: str, prompts: list[list[int]], settings: SamplerSettings | list[SamplerSettings],
+               seeds: list[int], on_event=None, on_done=None) -> Ticket:
+        """Queue one request (one row per prompt); settings: one for all rows or one per row."""
+        per_row = settings if isinstance(settings, list) else [settings] * len(prompts)
+        ticket = Ticket(on_event, on_done)
+        for index, (prompt, s, seed) in enumerate(zip(prompts, per_row, seeds, strict=True)):
+            row = Row(mode, prompt, s, seed, ticket._emit, ticket._fail, index)
+            need = self._row_bytes(row, row.tokens_needed)
+            if need > self.memory_budget:
+                raise CapacityError(f"request needs {need} bytes of state for {row.tokens_needed} tokens; the "
+                                    f"scheduler's memory budget is {self.memory_budget} bytes")
+            ticket.rows.append(row)
+        ticket._open = len(ticket.rows)
+        with self._lock:
+            self._waiting.extend(ticket.rows)
+            self._wake.notify()
+        return ticket
+
+    @property
+    def running(self) -> int:
+        return sum(len(lane) for lane in self.lanes.values())
+
+    @property
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Admit what fits, then one unit of every lane. Returns False when there was nothing to do."""
+        with self._drive:
+            self._admit()
+            worked = False
+            for key, lane in list(self.lanes.items()):
+                lane.remove_cancelled()
+                if not len(lane):
+                    continue
+                worked = True
+                try:
+                    lane.advance()
+                except Exception as err:  # noqa: BLE001 - every row of the lane hears of it; others go on
+                    log.exception("twotower: lane %s failed", key)
+                    for r in lane.rows:
+                        r.out.finished = True
+                        r.fail(err)
+                    del self.lanes[key]
+            return worked
+
+    def run_until(self, ticket: Ticket) -> None:
+        """Drive the scheduler in this thread until ``ticket`` is done (or wait, if a background
+        thread drives it)."""
+        while not ticket.done.is_set():
+            if self._thread is not None:
+                ticket.done.wait()
+            elif not self.step():
+                time.sleep(0.001)  # rows admitted by another caller's step are still running
+
+    def _row_bytes(self, row: Row, capacity: int) -> int:
+        trace = row.settings.block_size if row.mode == "speculative" else 0
+        return row_state_bytes(self.cfg, self.executor.dtype, capacity, trace)
+
+    def _lane_bytes(self, key: tuple, extra: list[Row], extra_need: int) -> int:
+        """State bytes of a lane once ``extra`` rows (needing up to ``extra_need`` slots) joined: every
+        row of a lane has the same kind of state, its K/V sized by the lane's longest row."""
+        lane = self.lanes.get(key)
+        rows = (len(lane) if lane is not None else 0) + len(extra)
+        if rows == 0:
+            return 0
+        capacity = max(lane.capacity if lane is not None else 0, extra_need)
+        sample = extra[0] if extra else lane.rows[0]
+        return rows * self._row_bytes(sample, capacity)
+
+    def _admit(self) -> None:
+        admitted: dict[tuple, list[Row]] = {}
+        need: dict[tuple, int] = {}
+        lane_bytes = {key: self._lane_bytes(key, [], 0) for key in self.lanes}
+        rows_now = self.running
+        with self._lock:
+            while self._waiting:
+                row = self._waiting[0]
+                if row.cancelled:
+                    self._waiting.popleft()
+                    row.out.cancelled = row.out.finished = True
+                    row.emit(row, [])
+                    continue
+                key = lane_key(row.mode, row.settings)
+                extra = admitted.get(key, []) + [row]
+                extra_need = max(need.get(key, 0), row.tokens_needed)
+                trial = self._lane_bytes(key, extra, extra_need)
+                total = sum(lane_bytes.values()) - lane_bytes.get(key, 0) + trial
+                if rows_now + 1 > self.max_batch or total > self.memory_budget:
+                    break  # first come, first served: later rows wait for room too
+                self._waiting.popleft()
+                admitted[key], need[key], lane_bytes[key] = extra, extra_need, trial
+                rows_now += 1
+        for key, rows in admitted.items():
+            lane = self.lanes.setdefault(key, LANES[rows[0].mode](self.executor, key))
+            try:
+                lane.admit(rows)
+            except Exception as err:  # noqa: BLE001 - a failed prefill fails its own requests only
+                log.exception("twotower: prefill failed")
+                for r in rows:
+                    r.out.finished = True
+                    r.fail(err)
+                if not lane.rows:
+                    del self.lanes[key]
+
+    # ---- background thread --------------------------------------------------------------------------
+    def start(self) -> "Scheduler":
+        self._stopping = False
+        self._thread = threading.Thread(target=self._serve, name="twotower-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self.running and not self._stopping:
+                    self._wake.wait()
+                if self._stopping and not self._waiting and not self.running:
+                    return
+            self.step()
+
+    def stop(self) -> None:
+        """Finish everything submitted, then stop the thread."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
