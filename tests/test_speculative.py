@@ -128,6 +128,12 @@ class ToyExecutor:
     def concat(self, states, capacity):
         return ToyState(sum((s.history for s in states), ()))
 
+    def merge(self, state, rows, sub):
+        history = list(state.history)
+        for j, r in enumerate(rows):
+            history[r] = sub.history[j]
+        return ToyState(tuple(history))
+
     def denoise(self, state, block, t):
         B = block.shape[0]
         logits = torch.zeros(B, 3, V)

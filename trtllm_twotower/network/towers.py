@@ -103,6 +103,22 @@ def select_rows(state: TowerState, rows: list[int]) -> TowerState:
                       conv=pick(state.conv), ssm=pick(state.ssm))
 
 
+def merge_rows(state: TowerState, rows: list[int], sub: TowerState) -> TowerState:
+    """Write back ``sub`` (``select_rows(state, rows)``, since extended): the K/V of its new
+    positions into ``state``'s shared buffers, its Mamba states and lengths in place of theirs."""
+    index = torch.tensor(rows, dtype=torch.long)
+    for j, r in enumerate(rows):
+        lo, hi = int(state.lengths[r]), int(sub.lengths[j])
+        for i in state.keys:
+            state.keys[i][r, lo:hi] = sub.keys[i][j, lo:hi]
+            state.values[i][r, lo:hi] = sub.values[i][j, lo:hi]
+    lengths = state.lengths.clone()
+    lengths[index] = sub.lengths
+    put = lambda old, new: {i: t.index_copy(0, index.to(t.device), new[i]) for i, t in old.items()}  # noqa: E731
+    return TowerState(lengths=lengths, keys=state.keys, values=state.values, conv=put(state.conv, sub.conv),
+                      ssm=put(state.ssm, sub.ssm))
+
+
 def rollback(state: TowerState, keep: torch.Tensor) -> TowerState:
     """The state after only the first ``keep[b]`` tokens of the extend that made ``state`` (which
     must carry its trace): K/V by length (later slots are overwritten by the next extend), the

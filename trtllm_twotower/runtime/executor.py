@@ -94,12 +94,19 @@ class TorchExecutor:
         return towers.context_forward(self.ctx_ops, self.cfg, self.ctx_weights, state, tokens, logits=logits,
                                       trace=trace)
 
+    @torch.inference_mode()
     def rollback(self, state, keep: torch.Tensor):
         """The state after only the first keep[b] tokens of the traced extend that made ``state``."""
         return towers.rollback(state, keep)
 
+    @torch.inference_mode()
     def concat(self, states: list, capacity: int):
         return towers.concat_states(states, capacity)
+
+    @torch.inference_mode()
+    def merge(self, state, rows: list[int], sub):
+        """Write back the rows ``select(state, rows)`` became after an extend."""
+        return towers.merge_rows(state, rows, sub)
 
     @torch.inference_mode()
     def denoise(self, state, block: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
@@ -108,5 +115,6 @@ class TorchExecutor:
             state = self._mirror.update(state)
         return towers.denoise(self.den_ops, self.cfg, self.den_weights, state, block, t)
 
+    @torch.inference_mode()
     def select(self, state, rows: list[int]):
         return towers.select_rows(state, rows)

@@ -1,11 +1,16 @@
 """The generation loops, one "lane" per kind of forward, over a running batch of rows.
 
 A lane owns the context state of its rows (one ``TowerState``, each row at its own position) and
-advances every row by one unit per call: a block (diffusion: the denoiser's steps, then the
-context extend; speculative: a drafted block verified by the context extend) or a token (AR,
-mock-AR). Rows join between units (``admit``: prefilled alone, then concatenated) and leave as
-soon as they finish or are cancelled. Each row keeps its own settings and generators, so its
-tokens do not depend on which other rows share the lane (spec §7.2; the scheduler's tests check it).
+advances all of them by one forward per call:
+- block lanes (diffusion, speculative): one denoiser step; every row fills its own block at its own
+  step of it. Rows whose block is complete after that step are committed (diffusion: the context
+  extends over the block; speculative: the extend verifies the drafts and the context rolls back to
+  the accepted ones), reported, and start their next block;
+- token lanes (AR, mock-AR): one token per row.
+New rows join between two forwards (``admit``: prefilled alone, then concatenated), so a request
+waits one denoiser step for its turn, and starts its first block at its own block boundary; rows
+leave as soon as they finish or are cancelled. Each row keeps its own settings and generators and
+takes exactly the steps it would take alone, so its tokens do not depend on the other rows.
 
 Modes (spec §7): diffusion (§7.1), speculative (the exact AR output from drafted blocks), AR
 (§7.4), mock-AR (§7.5).
@@ -88,7 +93,10 @@ def append_tokens(row: Row, tokens: list[int]) -> list[int]:
 
 
 class Lane:
-    """Rows that run one kind of forward together (one mode, one block size, one mask id)."""
+    """Rows that run one kind of forward together (one mode, one block size, one mask id). Its
+    batched per-row fields (``_batched``) follow the rows as they join and leave."""
+
+    batched_fields: tuple[str, ...] = ("state",)
 
     def __init__(self, executor, key: tuple):
         self.executor = executor
@@ -102,7 +110,7 @@ class Lane:
 
     # ---- membership -----------------------------------------------------------------------------
     def admit(self, rows: list[Row]) -> None:
-        """Prefill new rows and add them to the running batch (they run from the next unit on)."""
+        """Prefill new rows and add them to the running batch (they run from the next forward on)."""
         ex = self.executor
         for r in rows:
             r.draft_gen = torch.Generator(device=ex.denoiser_device).manual_seed(r.seed)
@@ -110,27 +118,28 @@ class Lane:
                 verify_seed(r.seed) if r.mode == "speculative" else r.seed)
         capacity = max([self.capacity] + [r.tokens_needed for r in rows])
         parts = self._prefill(rows, capacity)
-        if self.rows:
-            parts = {name: self._join(name, getattr(self, name), part, capacity) for name, part in parts.items()}
-        for name, value in parts.items():
-            setattr(self, name, value)
-        self.rows += rows
-        self.capacity = capacity
         for r in rows:
             r.out.context_forwards += 1
-        self._after_admit(rows)
-
-    def _join(self, name: str, old, new, capacity):
-        if isinstance(old, torch.Tensor):
-            return torch.cat([old, new.to(old.device)])
-        return self.executor.concat([old, new], capacity)
+        first = len(self.rows)
+        for name in self.batched_fields:
+            old, new = getattr(self, name), parts.get(name)
+            if not self.rows or old is None:
+                setattr(self, name, new)
+            elif isinstance(old, torch.Tensor):  # a field only some rows needed so far: zeros for the new
+                new = old.new_zeros((len(rows), *old.shape[1:])) if new is None else new.to(old.device)
+                setattr(self, name, torch.cat([old, new]))
+            else:
+                setattr(self, name, self.executor.concat([old, new], capacity))
+        self.rows += rows
+        self.capacity = capacity
+        self._after_admit(list(range(first, len(self.rows))))
 
     def _prefill(self, rows: list[Row], capacity: int) -> dict:
         state, _ = self.executor.prefill([r.prompt for r in rows], capacity)
         return {"state": state}
 
-    def _after_admit(self, rows: list[Row]) -> None:
-        """Hook: emit what admission already decided (speculative's first token may end a row)."""
+    def _after_admit(self, new: list[int]) -> None:
+        """Hook for what admission decides about the new rows at indices ``new``."""
 
     def remove_cancelled(self) -> None:
         cancelled = [r for r in self.rows if r.cancelled]
@@ -146,91 +155,132 @@ class Lane:
             return
         self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self._reset()
+            for name in self.batched_fields:
+                setattr(self, name, None)
+            self.capacity = 0
             return
-        for name, value in self._batched().items():
+        for name in self.batched_fields:
+            value = getattr(self, name)
             if isinstance(value, torch.Tensor):
                 setattr(self, name, value[torch.tensor(keep, device=value.device)])
-            else:
+            elif value is not None:
                 setattr(self, name, self.executor.select(value, keep))
 
-    def _batched(self) -> dict:
-        return {"state": self.state}
+    def _settings(self, name: str, rows: list[int] | None = None) -> list:
+        return [getattr(self.rows[i].settings, name) for i in (range(len(self.rows)) if rows is None else rows)]
 
-    def _reset(self) -> None:
-        self.state, self.capacity = None, 0
+    def _emit(self, indices: list[int], tokens_per_row: list[list[int]]) -> None:
+        """Append and report the new tokens of the rows at ``indices``."""
+        for i, tokens in zip(indices, tokens_per_row):
+            r = self.rows[i]
+            r.emit(r, append_tokens(r, tokens))
 
-    def _settings(self, name: str) -> list:
-        return [getattr(r.settings, name) for r in self.rows]
+    def _extend(self, rows: list[int], tokens: torch.Tensor, *, logits: bool, trace: bool = False):
+        """The context extend of the rows at ``rows`` only (the others are mid-block). Returns
+        (logits, the new state of those rows); ``_merge`` writes it back."""
+        ex = self.executor
+        whole = rows == list(range(len(self.rows)))
+        sub = self.state if whole else ex.select(self.state, rows)
+        out, new = ex.extend(sub, tokens, logits=logits, trace=trace)
+        for i in rows:
+            self.rows[i].out.context_forwards += 1
+        return out, new
 
-    # ---- one unit of generation ---------------------------------------------------------------------
+    def _merge(self, rows: list[int], new) -> None:
+        whole = rows == list(range(len(self.rows)))
+        self.state = new if whole else self.executor.merge(self.state, rows, new)
+
+    # ---- one forward ---------------------------------------------------------------------------------
     def advance(self) -> None:
         raise NotImplementedError
 
-    def _emit(self, tokens_per_row: list[list[int]]) -> list[int]:
-        """Append and report each row's new tokens; returns the indices of the rows that go on."""
-        for r, tokens in zip(self.rows, tokens_per_row):
-            r.emit(r, append_tokens(r, tokens))
-        return [i for i, r in enumerate(self.rows) if not r.out.finished]
 
-    def fill_block(self, x: torch.Tensor, given: int = 0, *, confidence: str = "sampled", record: bool = False):
-        """The denoiser's steps over blocks x [B, L] on the context state (positions ``given`` .. L-1
-        open, filled with the mask id), per row with its own step budget, threshold and temperature
-        (spec §7.1). Returns the filled blocks and, with ``record``, the step that committed each
-        position ([B, L], -1 = given) and the distribution each committed position was drawn from
-        ([B, L, V], or None if all rows are greedy)."""
-        ex, rows = self.executor, self.rows
-        B, L = x.shape
-        mask_id = rows[0].settings.mask_token_id
-        steps, thresholds, temps = self._settings("steps_per_block"), self._settings("confidence_threshold"), \
-            self._settings("temperature")
-        gens = [r.draft_gen for r in rows]
-        open_ = torch.ones(B, L, dtype=torch.bool, device=x.device)
-        open_[:, :given] = False
-        committed_at = torch.full((B, L), -1, dtype=torch.long, device=x.device)
-        draft_probs = None
-        for step in range(max(steps)):
-            n = open_.sum(-1)  # [B] open positions per row
-            open_rows = n.tolist()  # the step's one host synchronisation
-            if max(open_rows) == 0:
-                break
-            logits = ex.denoise(self.state, x, n.float() / L)  # t = masked fraction per row
-            for r, m in zip(rows, open_rows):
-                if m > 0:
-                    r.out.steps += 1
-                    r.out.denoiser_forwards += 1
-            new_x, _, probs = sampler.commit_step(x, logits, mask_id, step, steps, thresholds, temps, gens,
-                                                  confidence=confidence, return_probs=True, masked=open_)
-            newly = open_ & (new_x != mask_id)  # the denoiser never predicts the mask id
-            if record:
-                committed_at[newly] = step
-                if probs is not None:
-                    draft_probs = torch.zeros_like(probs) if draft_probs is None else draft_probs
-                    draft_probs[newly] = probs[newly]
-            open_ &= ~newly
-            x = new_x
-        return x, committed_at, draft_probs
+class BlockLane(Lane):
+    """Each row fills its own block, one denoiser step per ``advance`` (spec §7.1, per row with its
+    own step budget, threshold and temperature). ``given`` leading positions of a block are known."""
 
+    batched_fields = ("state", "x", "open", "block_step", "committed_at", "draft_probs")
+    given = 0
 
-class DiffusionLane(Lane):
-    """Block mask diffusion (spec §7.1): fill a block, commit it to the context, repeat."""
+    def __init__(self, executor, key: tuple):
+        super().__init__(executor, key)
+        self.x = self.open = self.block_step = self.committed_at = self.draft_probs = None
+
+    def _new_blocks(self, count: int, first_tokens: torch.Tensor | None = None) -> dict:
+        L, mask_id = self.key[1], self.key[2]
+        device = self.executor.denoiser_device
+        x = torch.full((count, L), mask_id, dtype=torch.long, device=device)
+        open_ = torch.ones(count, L, dtype=torch.bool, device=device)
+        if self.given:
+            x[:, : self.given] = first_tokens.to(device).view(count, self.given)
+            open_[:, : self.given] = False
+        return {"x": x, "open": open_, "block_step": torch.zeros(count, dtype=torch.long, device=device),
+                "committed_at": torch.full((count, L), -1, dtype=torch.long, device=device),
+                "draft_probs": None}
+
+    def _prefill(self, rows, capacity):
+        state, _ = self.executor.prefill([r.prompt for r in rows], capacity)
+        return {"state": state, **self._new_blocks(len(rows))}
+
+    def _confidence(self) -> str:
+        return "sampled"  # the spec's rule: the temperature-1 probability of the drawn token
+
+    def _restart(self, rows: list[int], first_tokens: torch.Tensor | None = None) -> None:
+        """Give the rows at ``rows`` a fresh block."""
+        fresh = self._new_blocks(len(rows), first_tokens)
+        index = torch.tensor(rows, device=self.x.device)
+        for name in ("x", "open", "block_step", "committed_at"):
+            getattr(self, name)[index] = fresh[name]
 
     def advance(self) -> None:
+        ex, rows = self.executor, self.rows
+        L, mask_id = self.key[1], self.key[2]
+        n = self.open.sum(-1)  # every row has an open block
+        logits = ex.denoise(self.state, self.x, n.float() / L)  # t = masked fraction per row
+        for r in rows:
+            r.out.steps += 1
+            r.out.denoiser_forwards += 1
+        temps = self._settings("temperature")
+        record = self.given > 0 and any(t > 0 for t in temps)  # speculative's sampled rows need q
+        new_x, _, probs = sampler.commit_step(
+            self.x, logits, mask_id, self.block_step, self._settings("steps_per_block"),
+            self._settings("confidence_threshold"), temps, [r.draft_gen for r in rows],
+            confidence=self._confidence(), return_probs=True, masked=self.open)
+        newly = self.open & (new_x != mask_id)  # the denoiser never predicts the mask id
+        self.committed_at[newly] = self.block_step[:, None].expand_as(newly)[newly]
+        if record and probs is not None:
+            if self.draft_probs is None:
+                self.draft_probs = torch.zeros_like(probs)
+            self.draft_probs[newly] = probs[newly]
+        self.open &= ~newly
+        self.x = new_x
+        self.block_step += 1
+        done = (~self.open.any(-1)).nonzero().view(-1).tolist()  # the step's one host synchronisation
+        if done:
+            self._complete(done)
+
+    def _complete(self, done: list[int]) -> None:
+        raise NotImplementedError
+
+
+class DiffusionLane(BlockLane):
+    """Block mask diffusion (spec §7.1): a complete block is reported and the context tower
+    consumes it (EOS and all, spec §7.3); the row's next block starts at the next step."""
+
+    def _complete(self, done):
         ex = self.executor
-        s = self.rows[0].settings
-        x = torch.full((len(self.rows), s.block_size), s.mask_token_id, dtype=torch.long, device=ex.denoiser_device)
-        x, _, _ = self.fill_block(x)
-        block = x.to(ex.context_device)
-        keep = self._emit(block.tolist())
-        block = block[keep] if len(keep) < len(self.rows) else block
-        self._keep(keep)
-        if self.rows:  # the context tower consumes the whole block, EOS and all (spec §7.3)
-            _, self.state = ex.extend(self.state, block, logits=False)
-            for r in self.rows:
-                r.out.context_forwards += 1
+        blocks = self.x[done].to(ex.context_device)
+        self._emit(done, blocks.tolist())
+        going = [j for j, i in enumerate(done) if not self.rows[i].out.finished]
+        if going:
+            rows = [done[j] for j in going]
+            _, new = self._extend(rows, blocks[going], logits=False)
+            self._merge(rows, new)
+            self._restart(rows)
+        self._keep([i for i, r in enumerate(self.rows) if not r.out.finished])
 
 
-class SpeculativeLane(Lane):
+class SpeculativeLane(BlockLane):
     """The denoiser drafts a block, the context tower's extend over it verifies every position.
 
     Each row carries ``pending``: the next token, already chosen by the AR rule but not yet in the
@@ -240,62 +290,65 @@ class SpeculativeLane(Lane):
     is rolled back to them (per-position Mamba states of that same extend), and the AR token after
     them becomes the next pending token. Output: exactly the AR model's."""
 
+    batched_fields = BlockLane.batched_fields + ("pending",)
+    given = 1
+
+    def __init__(self, executor, key: tuple):
+        super().__init__(executor, key)
+        self.pending = None
+
     def _prefill(self, rows, capacity):
         state, logits = self.executor.prefill([r.prompt for r in rows], capacity)
         pending = sampler.sample_next(logits, [r.settings.temperature for r in rows], [r.settings.top_k for r in rows],
                                       [r.settings.top_p for r in rows], [r.ar_gen for r in rows])
         for r in rows:
             r.out.steps += 1  # the prefill produced the first token
-        return {"state": state, "pending": pending}
+        return {"state": state, "pending": pending, **self._new_blocks(len(rows), pending)}
 
-    def _batched(self) -> dict:
-        return {"state": self.state, "pending": self.pending}
+    def _after_admit(self, new):
+        self._finish_on_pending(new)
 
-    def _after_admit(self, rows):
-        self._finish_on_pending()
+    def _confidence(self) -> str:
+        return DRAFT_CONFIDENCE
 
-    def _finish_on_pending(self) -> None:
+    def _finish_on_pending(self, indices: list[int]) -> None:
         """A pending token that ends its row (EOS, or the last token allowed) is emitted at once."""
         pending = self.pending.tolist()
-        ending = []
-        for i, r in enumerate(self.rows):
-            s = r.settings
-            if pending[i] == s.eos_token_id or len(r.out.tokens) + 1 >= s.max_new_tokens:
-                ending.append(i)
+        ending = [i for i in indices if pending[i] == self.rows[i].settings.eos_token_id
+                  or len(self.rows[i].out.tokens) + 1 >= self.rows[i].settings.max_new_tokens]
         if ending:
-            for i, r in enumerate(self.rows):
-                if i in ending:
-                    r.emit(r, append_tokens(r, [pending[i]]))
+            self._emit(ending, [[pending[i]] for i in ending])
             self._keep([i for i, r in enumerate(self.rows) if not r.out.finished])
 
-    def advance(self) -> None:
-        ex, rows = self.executor, self.rows
-        L = rows[0].settings.block_size
-        x = torch.full((len(rows), L), rows[0].settings.mask_token_id, dtype=torch.long, device=ex.denoiser_device)
-        x[:, 0] = self.pending.to(ex.denoiser_device)
-        greedy = all(r.settings.temperature <= 0 for r in rows)
-        draft, committed_at, draft_probs = self.fill_block(x, given=1, confidence=DRAFT_CONFIDENCE, record=not greedy)
-        draft = draft.to(ex.context_device)
-        logits, traced = ex.extend(self.state, draft, logits=True, trace=True)
-        for r in rows:
-            r.out.steps += 1
-            r.out.context_forwards += 1
-        verdict = sampler.verify_draft(draft, committed_at, draft_probs, logits, self._settings("temperature"),
-                                       self._settings("top_k"), self._settings("top_p"), [r.ar_gen for r in rows])
-        self.state = ex.rollback(traced, torch.tensor([1 + a for a in verdict.accepted]))
-        self.pending = verdict.next_token
-        drafts = draft.tolist()
-        for r, a, tried in zip(rows, verdict.accepted, verdict.attempted):
-            r.out.accepted.append(a)
-            if len(r.out.attempts_by_position) < L - 1:
-                r.out.attempts_by_position = [0] * (L - 1)
-                r.out.accepts_by_position = [0] * (L - 1)
+    def _complete(self, done):
+        ex = self.executor
+        L = self.key[1]
+        drafts = self.x[done].to(ex.context_device)
+        logits, traced = self._extend(done, drafts, logits=True, trace=True)
+        for i in done:
+            self.rows[i].out.steps += 1
+        verdict = sampler.verify_draft(
+            drafts, self.committed_at[done], None if self.draft_probs is None else self.draft_probs[done], logits,
+            self._settings("temperature", done), self._settings("top_k", done), self._settings("top_p", done),
+            [self.rows[i].ar_gen for i in done])
+        self._merge(done, ex.rollback(traced, torch.tensor([1 + a for a in verdict.accepted])))
+        self.pending[torch.tensor(done, device=self.pending.device)] = verdict.next_token.to(self.pending.device)
+        for i, a, tried in zip(done, verdict.accepted, verdict.attempted):
+            out = self.rows[i].out
+            out.accepted.append(a)
+            if not out.attempts_by_position:
+                out.attempts_by_position, out.accepts_by_position = [0] * (L - 1), [0] * (L - 1)
             for j in range(tried):
-                r.out.attempts_by_position[j] += 1
-                r.out.accepts_by_position[j] += j < a
-        self._keep(self._emit([d[: 1 + a] for d, a in zip(drafts, verdict.accepted)]))
-        if self.rows:
-            self._finish_on_pending()
+                out.attempts_by_position[j] += 1
+                out.accepts_by_position[j] += j < a
+        self._emit(done, [d[: 1 + a] for d, a in zip(drafts.tolist(), verdict.accepted)])
+        going = [i for i in done if not self.rows[i].out.finished]
+        if going:
+            self._restart(going, self.pending[torch.tensor(going, device=self.pending.device)])
+        survivors = [i for i, r in enumerate(self.rows) if not r.out.finished]
+        going = [survivors.index(i) for i in going]
+        self._keep(survivors)
+        self._finish_on_pending(going)
 
 
 class TokenLane(Lane):
@@ -306,6 +359,8 @@ class TokenLane(Lane):
     def __init__(self, executor, key: tuple):
         super().__init__(executor, key)
         self.mock_ar = key[0] == "mock-ar"
+        self.batched_fields = ("state", "before", "last") if self.mock_ar else ("state", "logits")
+        self.before = self.last = self.logits = None
 
     def _prefill(self, rows, capacity):
         ex = self.executor
@@ -316,10 +371,6 @@ class TokenLane(Lane):
         last = torch.tensor([[r.prompt[-1]] for r in rows], device=ex.context_device)
         _, state = ex.extend(before, last, logits=False)
         return {"state": state, "before": before, "last": last}
-
-    def _batched(self) -> dict:
-        return {"state": self.state, "before": self.before, "last": self.last} if self.mock_ar else \
-            {"state": self.state, "logits": self.logits}
 
     def advance(self) -> None:
         ex, rows = self.executor, self.rows
@@ -333,7 +384,8 @@ class TokenLane(Lane):
         for r in rows:
             r.out.steps += 1
             r.out.denoiser_forwards += self.mock_ar
-        keep = self._emit([[t] for t in tokens.tolist()])
+        self._emit(list(range(len(rows))), [[t] for t in tokens.tolist()])
+        keep = [i for i, r in enumerate(rows) if not r.out.finished]
         tokens = tokens.to(ex.context_device)[:, None]
         tokens = tokens[keep] if len(keep) < len(rows) else tokens
         self._keep(keep)

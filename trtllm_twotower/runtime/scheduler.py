@@ -236,6 +236,11 @@ class Scheduler:
         self._thread.start()
         return self
 
+    @property
+    def alive(self) -> bool:
+        """A background thread is serving (``start`` was called and it has not stopped)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _serve(self) -> None:
         while True:
             with self._lock:
@@ -243,7 +248,10 @@ class Scheduler:
                     self._wake.wait()
                 if self._stopping and not self._waiting and not self.running:
                     return
-            self.step()
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - step fails rows itself; whatever escapes must not end serving
+                log.exception("twotower: scheduler step failed")
 
     def stop(self) -> None:
         """Finish everything submitted, then stop the thread."""

@@ -127,3 +127,7 @@ class TrtExecutor:
 
     def concat(self, states: list, capacity: int):
         return towers.concat_states(states, capacity)
+
+    def merge(self, state, rows: list[int], sub):
+        """Write back the rows ``select(state, rows)`` became after an extend."""
+        return towers.merge_rows(state, rows, sub)
