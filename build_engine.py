@@ -23,7 +23,7 @@ from trtllm_twotower.checkpoint import CONTEXT, DENOISER, NANO, TWOTOWER, Checkp
 from trtllm_twotower.config import ConfigError, TwoTowerConfig, load_config
 from trtllm_twotower.convert import DTYPES, convert_checkpoint, trtllm_params
 from trtllm_twotower.engine_io import BuildLimits, engine_io, memory_plan, profiles
-from trtllm_twotower.fsutil import atomic_directory
+from trtllm_twotower.fsutil import Terminated, atomic_directory
 
 PLUGINS = {CONTEXT: ["TwoTowerBlockAttention (causal, writes K/V)", "TwoTowerSeededMambaScan"],
            DENOISER: ["TwoTowerBlockAttention (bidirectional, read-only)", "TwoTowerSeededMambaScan (state dropped)"]}
@@ -97,9 +97,18 @@ def main(argv=None) -> int:
         if not args.checkpoint or not args.output_dir:
             raise ValueError("--checkpoint and --output-dir are required (or --plan-only / --inspect)")
         return build(args, limits)
-    except (ValueError, ConfigError, CheckpointError, FileExistsError, ImportError) as err:
+    except (ValueError, ConfigError, CheckpointError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # an existing or unwritable --output-dir, a full disk
+        print(f"error: {f'{err.strerror}: {err.filename}' if err.strerror else err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written (the partial output was removed)", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("terminated: nothing was written (the partial output was removed)", file=sys.stderr)
+        return 143
 
 
 def build(args, limits: BuildLimits) -> int:

@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
-"""Generate text with Nemotron-Labs-TwoTower: mask diffusion, mock-AR or AR.
+"""Generate with Nemotron-Labs-TwoTower: mask diffusion, speculative (the exact AR output from
+drafted blocks), mock-AR or AR.
 
-With no arguments: mask diffusion on the built-in tiny demo checkpoint (generated on first use),
-printing the text as blocks commit. ``--json`` makes the last line of stdout one JSON object.
+With no arguments: mask diffusion on the built-in demo model, printing the text as blocks commit.
+``--json`` makes the last line of stdout one JSON object. A checkpoint without tokenizer files
+takes ``--prompt-ids`` and prints token ids.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="HF checkpoint dir (TwoTower or Nano); default: the demo")
     p.add_argument("--engine-dir", default=None, help="built engines (build_engine.py output): run the TensorRT backend")
-    p.add_argument("--mode", choices=["diffusion", "mock-ar", "ar"], default="diffusion")
+    p.add_argument("--mode", choices=["diffusion", "speculative", "mock-ar", "ar"], default="diffusion")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", default=None, help="prompt text (repeat for a batch)")
     src.add_argument("--prompt-ids", action="append", default=None, help="comma-separated token ids (repeatable)")
@@ -60,7 +62,8 @@ def main(argv=None) -> int:
 
         def on_block(event) -> None:
             prefix = f"[{event.row}] " if len(prompts) > 1 else ""
-            print(f"{prefix}{event.text}", end="" if len(prompts) == 1 else "\n", flush=True)
+            piece = event.text if event.text is not None else " ".join(map(str, event.token_ids)) + " "
+            print(f"{prefix}{piece}", end="" if len(prompts) == 1 else "\n", flush=True)
 
         result = runtime.generate(
             prompts, max_new_tokens=args.max_new_tokens, mode=args.mode, block_size=args.block_size,
@@ -71,17 +74,20 @@ def main(argv=None) -> int:
     except ValueError as err:  # bad arguments, config or checkpoint: one clear line
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     if stream:
         print()
     elif not args.json:
-        for text in result.text:
-            print(text)
+        for text, ids in zip(result.text or [None] * len(prompts), result.output_ids):
+            print(text if text is not None else " ".join(map(str, ids)))
     print(f"mode={args.mode} nfe={result.nfe} tokens/step={result.tokens_per_step:.2f} "
-          f"seconds={result.seconds:.3f}", file=sys.stderr)
+          f"forwards/token={result.stats['forwards_per_token']:.2f} seconds={result.seconds:.3f}", file=sys.stderr)
     if args.json:
         print(json.dumps({"output_ids": result.output_ids, "text": result.text, "nfe": result.nfe,
                           "nfe_per_row": result.nfe_per_row, "tokens_per_step": result.tokens_per_step,
-                          "seconds": result.seconds, "mode": args.mode}))
+                          "seconds": result.seconds, "mode": args.mode, "stats": result.stats}))
     return 0
 
 

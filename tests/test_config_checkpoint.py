@@ -153,7 +153,7 @@ def test_missing_shard_and_truncated_file(demo_dir, tmp_path):
     cut = _copy_checkpoint(demo_dir, tmp_path / "cut")
     shard = cut / "model-00003-of-00003.safetensors"
     shard.write_bytes(shard.read_bytes()[:-100])
-    with pytest.raises(CheckpointError, match="beyond the end of model-00003-of-00003.safetensors"):
+    with pytest.raises(CheckpointError, match=r"model-00003-of-00003.safetensors: the tensors cover \d+ bytes of data; the file holds"):
         CheckpointReader(cut)
 
 

@@ -37,6 +37,12 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match the config; the message names every offending tensor."""
 
 
+def capped(items: list[str], limit: int = 20) -> str:
+    """A list for an error message, cut at ``limit`` entries ("... and N more")."""
+    head = ", ".join(items[:limit])
+    return head + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
 @dataclass(frozen=True)
 class _Entry:
     dtype: torch.dtype
@@ -45,8 +51,61 @@ class _Entry:
     nbytes: int
 
 
+MAX_HEADER_BYTES = 100_000_000  # as the safetensors library
+
+
+def parse_safetensors_header(header_bytes: bytes, data_bytes: int, where: str) -> dict[str, _Entry]:
+    """Check a safetensors header against what the format promises and return its entries
+    (``start`` relative to the data region). The format: a JSON object of tensor entries
+    {"dtype", "shape", "data_offsets": [begin, end]} (plus an optional "__metadata__" object of
+    strings); byte size = elements x dtype size; the regions tile the data exactly: contiguous,
+    non-overlapping, from 0 to its end. ``where`` names the file in every error."""
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{where}: malformed safetensors header ({err})") from err
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{where}: safetensors header is a JSON {type(header).__name__}, not an object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{where}: __metadata__ must be an object of strings")
+    entries: dict[str, _Entry] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        bad = lambda what: CheckpointError(f"{where}: tensor {name!r}: {what}")  # noqa: E731
+        if not isinstance(info, dict):
+            raise bad(f"entry is a JSON {type(info).__name__}, not an object")
+        missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+        if missing:
+            raise bad(f"no {', '.join(missing)}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise bad(f"unsupported dtype {dtype!r} (known: {', '.join(_DTYPES)})")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise bad(f"shape must be a list of non-negative integers, got {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+                or offsets[0] > offsets[1]):
+            raise bad(f"data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}")
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=_DTYPES[dtype]).element_size()
+        if offsets[1] - offsets[0] != nbytes:
+            raise bad(f"data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes; {dtype} {shape} needs {nbytes}")
+        entries[name] = _Entry(_DTYPES[dtype], tuple(shape), offsets[0], nbytes)
+    position = 0
+    for name, entry in sorted(entries.items(), key=lambda kv: (kv[1].start, kv[1].start + kv[1].nbytes)):
+        if entry.start != position:
+            what = "overlaps the tensor before it" if entry.start < position else f"leaves a gap at byte {position}"
+            raise CheckpointError(f"{where}: tensor {name!r}: data_offsets start at {entry.start}: {what}")
+        position += entry.nbytes
+    if position != data_bytes:
+        raise CheckpointError(f"{where}: the tensors cover {position} bytes of data; the file holds {data_bytes}")
+    return entries
+
+
 class SafetensorsFile:
-    """One safetensors file, header parsed up front, tensors read one at a time on demand."""
+    """One safetensors file, header parsed and checked up front, tensors read one at a time on demand."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -54,25 +113,15 @@ class SafetensorsFile:
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise CheckpointError(f"{self.path.name}: truncated (no safetensors header)")
+                raise CheckpointError(f"{self.path}: truncated (no safetensors header)")
             (header_len,) = struct.unpack("<Q", head)
-            if header_len > size - 8:
-                raise CheckpointError(f"{self.path.name}: header length {header_len} exceeds the file size")
-            try:
-                header = json.loads(f.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise CheckpointError(f"{self.path.name}: malformed safetensors header ({err})") from err
+            if header_len > min(size - 8, MAX_HEADER_BYTES):
+                raise CheckpointError(f"{self.path}: header length {header_len} exceeds the file size or "
+                                      f"{MAX_HEADER_BYTES} bytes")
+            header_bytes = f.read(header_len)
         base = 8 + header_len
-        self.entries: dict[str, _Entry] = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            if info.get("dtype") not in _DTYPES:
-                raise CheckpointError(f"{name}: unsupported dtype {info.get('dtype')!r} in {self.path.name}")
-            begin, end = info["data_offsets"]
-            if end > size - base or begin > end:
-                raise CheckpointError(f"{name}: data offsets {begin}..{end} beyond the end of {self.path.name}")
-            self.entries[name] = _Entry(_DTYPES[info["dtype"]], tuple(info["shape"]), base + begin, end - begin)
+        entries = parse_safetensors_header(header_bytes, size - base, str(self.path))
+        self.entries = {n: _Entry(e.dtype, e.shape, base + e.start, e.nbytes) for n, e in entries.items()}
 
     def read(self, name: str) -> torch.Tensor:
         entry = self.entries[name]
@@ -80,7 +129,7 @@ class SafetensorsFile:
         with open(self.path, "rb") as f:
             f.seek(entry.start)
             if f.readinto(memoryview(buf.numpy())) != entry.nbytes:
-                raise CheckpointError(f"{name}: short read from {self.path.name}")
+                raise CheckpointError(f"{self.path}: tensor {name!r}: short read (file changed or truncated)")
         return buf.view(entry.dtype).reshape(entry.shape)
 
 
@@ -95,18 +144,16 @@ class CheckpointReader:
         files: dict[str, SafetensorsFile] = {}
         self._where: dict[str, SafetensorsFile] = {}
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise CheckpointError(f"{index.name}: malformed index ({err})") from err
+            weight_map = _read_weight_map(index)
             missing = sorted({s for s in weight_map.values() if not (self.directory / s).is_file()})
             if missing:
-                raise CheckpointError(f"{index.name}: shard files not found: {', '.join(missing)}")
+                raise CheckpointError(f"{index}: shard files not found: {capped(missing)}")
             for shard in sorted(set(weight_map.values())):
                 files[shard] = SafetensorsFile(self.directory / shard)
+            absent = [f"{name} ({shard})" for name, shard in weight_map.items() if name not in files[shard].entries]
+            if absent:
+                raise CheckpointError(f"{index}: tensors listed but absent from their shard: {capped(absent)}")
             for name, shard in weight_map.items():
-                if name not in files[shard].entries:
-                    raise CheckpointError(f"{name}: listed in {index.name} but absent from {shard}")
                 self._where[name] = files[shard]
         else:
             paths = sorted(self.directory.glob("*.safetensors"))
@@ -128,6 +175,23 @@ class CheckpointReader:
 
     def read(self, name: str) -> torch.Tensor:
         return self._where[name].read(name)
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The index's ``weight_map``: tensor name -> shard file name (a plain name in the directory)."""
+    try:
+        raw = json.loads(index.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{index}: not valid UTF-8 JSON ({err})") from err
+    weight_map = raw.get("weight_map") if isinstance(raw, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: weight_map must be an object of tensor name -> shard file, got "
+                              f"{type(weight_map).__name__}")
+    bad = [f"{k}: {v!r}" for k, v in weight_map.items()
+           if not isinstance(v, str) or not v or Path(v).name != v or v in (".", "..")]
+    if bad:
+        raise CheckpointError(f"{index}: weight_map entries must name a shard file in the directory: {capped(bad)}")
+    return weight_map
 
 
 # ---- the name map ------------------------------------------------------------------------------
@@ -261,11 +325,11 @@ def resolve_keys(reader: CheckpointReader, cfg: TwoTowerConfig, towers: tuple[st
     unexpected = sorted(k for k in keys if k not in known)
     problems = []
     if missing:
-        problems.append(f"missing tensors ({len(missing)}): " + ", ".join(missing))
+        problems.append(f"missing tensors ({len(missing)}): " + capped(missing))
     if misshaped:
-        problems.append(f"misshaped tensors ({len(misshaped)}): " + "; ".join(misshaped))
+        problems.append(f"misshaped tensors ({len(misshaped)}): " + capped(misshaped))
     if unexpected:
-        problems.append(f"unexpected tensors ({len(unexpected)}): " + ", ".join(unexpected))
+        problems.append(f"unexpected tensors ({len(unexpected)}): " + capped(unexpected))
     if problems:
         raise CheckpointError(f"checkpoint {reader.directory}: " + " | ".join(problems))
     return layout, on_disk

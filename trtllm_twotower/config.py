@@ -144,6 +144,20 @@ def _int(raw: dict[str, Any], name: str, default: int | None = None) -> int:
     return value
 
 
+def _float(raw: dict[str, Any], name: str, default: float) -> float:
+    value = raw.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _bool(raw: dict[str, Any], name: str, default: bool) -> bool:
+    value = raw.get(name, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    return value
+
+
 def _token_id(raw: dict[str, Any], name: str, default: int) -> int:
     value = raw.get(name, default)
     if isinstance(value, list):  # instruct configs list several eos ids; the first is the tokenizer's
@@ -180,12 +194,12 @@ def config_from_dict(raw: dict[str, Any]) -> TwoTowerConfig:
         moe_intermediate_size=_int(raw, "moe_intermediate_size"),
         moe_shared_expert_intermediate_size=_int(raw, "moe_shared_expert_intermediate_size"),
         n_shared_experts=_int(raw, "n_shared_experts", 1),
-        routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
-        norm_topk_prob=bool(raw.get("norm_topk_prob", True)),
+        routed_scaling_factor=_float(raw, "routed_scaling_factor", 1.0),
+        norm_topk_prob=_bool(raw, "norm_topk_prob", True),
         intermediate_size=_int(raw, "intermediate_size", 0),
-        layer_norm_epsilon=float(raw.get("layer_norm_epsilon", 1e-5)),
-        use_conv_bias=bool(raw.get("use_conv_bias", True)),
-        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        layer_norm_epsilon=_float(raw, "layer_norm_epsilon", 1e-5),
+        use_conv_bias=_bool(raw, "use_conv_bias", True),
+        tie_word_embeddings=_bool(raw, "tie_word_embeddings", False),
         pad_token_id=_token_id(raw, "pad_token_id", 0),
         bos_token_id=_token_id(raw, "bos_token_id", 1),
         eos_token_id=_token_id(raw, "eos_token_id", 2),
@@ -241,6 +255,9 @@ def _validate(cfg: TwoTowerConfig, raw: dict[str, Any]) -> None:
     if raw.get("moe_latent_size") is not None:
         raise ConfigError("moe_latent_size: latent MoE projections are not part of this model; must be null")
     limit = raw.get("time_step_limit", [0.0, float("inf")])
+    if limit is not None and (not isinstance(limit, (list, tuple)) or len(limit) != 2 or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in limit)):
+        raise ConfigError(f"time_step_limit: expected [min, max], got {limit!r}")
     if limit is not None and (float(limit[0]) != 0.0 or float(limit[1]) != float("inf")):
         # R3 clamps dt only when the limit differs from (0, inf); no released TwoTower config does.
         raise ConfigError(f"time_step_limit: only the no-op (0.0, inf) is supported, got {limit!r}")
@@ -258,7 +275,12 @@ def load_config(path: str | Path) -> TwoTowerConfig:
     if not file.is_file():
         raise ConfigError(f"config.json: not found at {file}")
     try:
-        raw = json.loads(file.read_text())
+        raw = json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{file}: not UTF-8 ({err.reason} at byte {err.start})") from err
     except json.JSONDecodeError as err:
-        raise ConfigError(f"config.json: not valid JSON ({err})") from err
-    return config_from_dict(raw)
+        raise ConfigError(f"{file}: not valid JSON ({err})") from err
+    try:
+        return config_from_dict(raw)
+    except ConfigError as err:
+        raise ConfigError(f"{file}: {err}") from None

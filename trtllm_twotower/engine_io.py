@@ -97,13 +97,13 @@ def _dtype_bytes(dtype: str) -> int:
     return {"bfloat16": 2, "float16": 2, "float32": 4, "int32": 4}[dtype]
 
 
-def state_bytes_per_row(cfg: TwoTowerConfig, max_seq_len: int, dtype: str = "bfloat16") -> int:
-    """K/V buffers of max_seq_len plus conv and fp32 SSM states, for one sequence of one tower."""
+def state_bytes_per_row(cfg: TwoTowerConfig, max_seq_len: int, dtype: str = "bfloat16", trace_len: int = 0) -> int:
+    """K/V buffers of max_seq_len plus conv and fp32 SSM states, for one sequence of one tower; with
+    ``trace_len``, also the per-position states of an extend of that many tokens (speculative mode)."""
     act = _dtype_bytes(dtype)
     kv = len(cfg.layers_of(ATTENTION)) * 2 * max_seq_len * cfg.num_key_value_heads * cfg.head_dim * act
-    mamba = len(cfg.layers_of(MAMBA)) * (cfg.conv_dim * cfg.conv_kernel * act
-                                         + cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size * 4)
-    return kv + mamba
+    per_layer = cfg.conv_dim * cfg.conv_kernel * act + cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size * 4
+    return kv + len(cfg.layers_of(MAMBA)) * per_layer * (1 + (trace_len + 1 if trace_len else 0))
 
 
 def activation_bytes(cfg: TwoTowerConfig, tower: str, limits: BuildLimits, dtype: str = "bfloat16") -> int:

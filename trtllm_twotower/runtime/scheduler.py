@@ -25,12 +25,13 @@ from typing import Callable
 
 import torch
 
-from ..config import ATTENTION, MAMBA
+from ..engine_io import state_bytes_per_row
 from .lanes import LANES, Row, lane_key
 from .sampler import SamplerSettings
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_BATCH = 256
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
 
 
 class CapacityError(ValueError):
@@ -86,17 +87,6 @@ class Ticket:
             self.done.set()
             if self.on_done is not None:
                 self.on_done(self)
-
-
-def row_state_bytes(cfg, dtype: torch.dtype, capacity: int, trace_len: int = 0) -> int:
-    """Bytes of one row's context state: K/V for ``capacity`` tokens, conv and fp32 SSM states,
-    and (speculative mode) the per-position states of a ``trace_len``-token extend."""
-    elt = torch.empty((), dtype=dtype).element_size()
-    kv = len(cfg.layers_of(ATTENTION)) * 2 * capacity * cfg.num_key_value_heads * cfg.head_dim * elt
-    conv = cfg.conv_dim * cfg.conv_kernel * elt
-    ssm = cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size * 4
-    per_mamba = (conv + ssm) * (1 + (trace_len + 1 if trace_len else 0))
-    return kv + len(cfg.layers_of(MAMBA)) * per_mamba
 
 
 def default_memory_budget(device: torch.device) -> int:
@@ -181,7 +171,7 @@ class Scheduler:
 
     def _row_bytes(self, row: Row, capacity: int) -> int:
         trace = row.settings.block_size if row.mode == "speculative" else 0
-        return row_state_bytes(self.cfg, self.executor.dtype, capacity, trace)
+        return state_bytes_per_row(self.cfg, capacity, DTYPE_NAMES[self.executor.dtype], trace)
 
     def _lane_bytes(self, key: tuple, extra: list[Row], extra_need: int) -> int:
         """State bytes of a lane once ``extra`` rows (needing up to ``extra_need`` slots) joined: every
