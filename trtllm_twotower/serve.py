@@ -22,6 +22,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
@@ -70,7 +71,11 @@ def copy_model_repository(source: Path, destination: Path, parameters: dict[str,
 
 
 class TritonServer:
-    """A tritonserver process on loopback; stop it with ``stop()`` (SIGTERM to its own PID)."""
+    """A tritonserver process on loopback, in its own process group; stop it with ``stop()``.
+
+    ``healthy()`` is False once the server or one of its python-backend stub processes (the
+    models' own processes) has died: Triton itself keeps reporting ready and leaves the clients
+    of a dead stub hanging, so the ``Supervisor`` kills and restarts the whole server instead."""
 
     def __init__(self, model_repository: str | Path = DEFAULT_REPOSITORY, http_port: int | None = None,
                  grpc_port: int | None = None, log_verbose: int = 0, startup_timeout: float = 180.0,
@@ -81,8 +86,9 @@ class TritonServer:
         self.log_verbose = log_verbose
         self.startup_timeout = startup_timeout
         self.log_file = Path(log_file) if log_file else None  # None: the server logs to our stdout/stderr
-        self.shm_prefix = f"twotower_{uuid.uuid4().hex[:12]}_"
+        self.shm_prefix = ""
         self.process: subprocess.Popen | None = None
+        self.stubs: set[int] = set()
         self._backend_dir: Path | None = None
 
     @property
@@ -120,6 +126,7 @@ class TritonServer:
     def start(self) -> "TritonServer":
         env = self._environment_and_backends()
         server_dir, _ = _pytriton_dirs()
+        self.shm_prefix = f"twotower_{uuid.uuid4().hex[:12]}_"  # fresh for every start
         cmd = [str(server_dir / "bin" / "tritonserver"), f"--model-repository={self.model_repository}",
                f"--backend-directory={self._backend_dir}",
                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
@@ -128,7 +135,8 @@ class TritonServer:
                "--allow-metrics=false", "--exit-timeout-secs=10", f"--log-verbose={self.log_verbose}"]
         log = open(self.log_file, "ab") if self.log_file else None
         try:
-            self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None)
+            self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
+                                            start_new_session=True)
         finally:
             if log is not None:
                 log.close()
@@ -139,29 +147,45 @@ class TritonServer:
                 self.stop()
                 where = self.log_file or "its log above"
                 raise ServeError(f"tritonserver exited with code {code} while starting (see {where})")
-            try:
-                with urllib.request.urlopen(f"http://{self.url}/v2/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
+            if ready(self.url):
+                self.stubs = set(stub_processes(self.process.pid))
+                return self
             time.sleep(0.5)
         self.stop()
         raise ServeError(f"tritonserver not ready after {self.startup_timeout:.0f} s")
 
-    def stop(self) -> None:
-        """SIGTERM to our own PID, then wait; remove our backend dir and any shm region we left."""
+    def healthy(self) -> bool:
+        """The server and every stub it started with are still running."""
+        if self.process is None or self.process.poll() is not None:
+            return False
+        return all(_running(pid) for pid in self.stubs)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: every open connection is reset at once (its clients get
+        an error instead of waiting for a dead backend), then clean up."""
+        if self.process is not None and self.process.poll() is None:
+            _signal_group(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self._cleanup()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM (Triton finishes in-flight requests), then SIGKILL after ``timeout``; clean up."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=30)
+                self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                _signal_group(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+        if self.process is not None:
+            _signal_group(self.process.pid, signal.SIGKILL)  # stubs that outlived their server
+        self._cleanup()
+
+    def _cleanup(self) -> None:
         if self._backend_dir is not None:
             shutil.rmtree(self._backend_dir, ignore_errors=True)
             self._backend_dir = None
-        for leftover in Path("/dev/shm").glob(f"{self.shm_prefix}*"):
+        for leftover in Path("/dev/shm").glob(f"{self.shm_prefix}*") if self.shm_prefix else ():
             leftover.unlink(missing_ok=True)
 
     def __enter__(self) -> "TritonServer":
@@ -169,6 +193,86 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class Supervisor:
+    """Keeps a ``TritonServer`` serving: when the server or a model's backend process dies, the
+    server is killed (clients of the lost requests get an error at once; readiness fails while it
+    is down) and started again on the same ports. ``restarts`` counts them."""
+
+    def __init__(self, server: TritonServer, interval: float = 0.2):
+        self.server = server
+        self.interval = interval
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Supervisor":
+        if self.server.process is None:
+            self.server.start()
+        self._thread = threading.Thread(target=self._watch, name="twotower-supervisor", daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self.server.healthy():
+                continue
+            print("twotower: the server or a model backend process died; restarting tritonserver", file=sys.stderr,
+                  flush=True)
+            self.server.kill()
+            while not self._stop.is_set():
+                try:
+                    self.server.start()
+                    self.restarts += 1
+                    break
+                except ServeError as err:
+                    print(f"twotower: restart failed ({err}); trying again", file=sys.stderr, flush=True)
+                    time.sleep(1.0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.server.stop()
+
+
+def ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{url}/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def stub_processes(server_pid: int) -> list[int]:
+    """PIDs of the python-backend stubs a tritonserver process started (its children)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()  # "pid (comm) state ppid ..."
+            comm, fields = text.split("(", 1)[1].rsplit(")", 1)[0], text.rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == server_pid and comm.startswith("triton_python"):
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def main(argv=None) -> int:
@@ -195,14 +299,14 @@ def main(argv=None) -> int:
         except ServeError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        print(f"tritonserver ready: http://{server.url}  grpc {server.grpc_url}  (pid {server.pid}); Ctrl-C stops it",
-              flush=True)
-        stop = {"now": False}
+        supervisor = Supervisor(server).start()
+        print(f"tritonserver ready: http://{server.url}  grpc {server.grpc_url}  (pid {server.pid}); restarted if "
+              "it or its model's process dies; Ctrl-C stops it", flush=True)
+        stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.update(now=True))
-        while not stop["now"] and server.process.poll() is None:
-            time.sleep(0.5)
-        server.stop()
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        supervisor.stop()
     return 0
 
 
