@@ -10,6 +10,19 @@ from trtllm_twotower.config import load_config
 from trtllm_twotower.demo import write_demo_checkpoint
 
 
+@pytest.fixture(autouse=True)
+def scheduler_errors_fail_the_test(caplog):
+    """The scheduler turns a failed forward into failed requests and goes on; in tests any such
+    failure is a bug, also one after the rows it hit had already finished."""
+    import logging
+
+    caplog.set_level(logging.ERROR, logger="trtllm_twotower.runtime.scheduler")
+    yield
+    failures = [r.getMessage() for r in caplog.records
+                if r.name == "trtllm_twotower.runtime.scheduler" and r.levelno >= logging.ERROR]
+    assert not failures, failures
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (and the built kernel library); skipped without one")
     config.addinivalue_line("markers", "triton: starts a real tritonserver (nvidia-pytriton) on loopback")

@@ -313,6 +313,8 @@ class SpeculativeLane(BlockLane):
 
     def _finish_on_pending(self, indices: list[int]) -> None:
         """A pending token that ends its row (EOS, or the last token allowed) is emitted at once."""
+        if not indices:
+            return
         pending = self.pending.tolist()
         ending = [i for i in indices if pending[i] == self.rows[i].settings.eos_token_id
                   or len(self.rows[i].out.tokens) + 1 >= self.rows[i].settings.max_new_tokens]
