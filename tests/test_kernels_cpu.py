@@ -18,7 +18,8 @@ from trtllm_twotower.plugins.reference import block_attention_ref, seeded_mamba_
 ROOT = Path(__file__).resolve().parents[1]
 SYMBOLS = ("twotower_block_attention", "twotower_block_attention_workspace_floats",
            "twotower_block_attention_num_splits", "twotower_seeded_mamba_scan",
-           "twotower_seeded_mamba_scan_workspace_bytes", "twotower_error_string")
+           "twotower_seeded_mamba_scan_workspace_bytes", "twotower_moe_experts", "twotower_moe_experts_workspace_bytes",
+           "twotower_error_string")
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +64,13 @@ def test_c_side_argument_checks_without_a_gpu(built_library):
     # C = H*P + 2*G*N = 4*8 + 2*2*16 = 96
     assert scan(*sptrs, 1, 4, 95, 4, 4, 8, 2, 16, 0, None) == -1  # channels do not split
     assert scan(*sptrs, 1, 4, 96, 9, 4, 8, 2, 16, 0, None) == -2  # conv width above 8
+    experts = lib.twotower_moe_experts
+    experts.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 6 + [ctypes.c_void_p]
+    eptrs = [dummy] * 7
+    assert experts(*([None] + eptrs[1:]), 4, 2, 8, 64, 32, 1, None) == -4  # NULL x
+    assert experts(*eptrs, 4, 9, 8, 64, 32, 1, None) == -1  # k > E
+    assert experts(*eptrs, 4, 2, 2048, 64, 32, 1, None) == -2  # more experts than the router kernel holds
+    assert experts(*eptrs, 4, 2, 8, 64, 32, 5, None) == -3  # bad dtype
     lib.twotower_block_attention_num_splits.restype = ctypes.c_int
     splits = lib.twotower_block_attention_num_splits(1, 16, 32, 2, 131072, 132)
     assert 8 <= splits <= 512  # long context, one sequence: split the keys to fill the GPU
@@ -81,11 +89,19 @@ def test_python_wrappers_check_arguments(built_library, monkeypatch):
             kernels.block_attention(q, kv, kv, cache, cache, torch.tensor([3]), True, True)
         with pytest.raises(ValueError, match="xbc: expected a CUDA tensor"):
             kernels.seeded_mamba_scan(torch.randn(1, 2, 96), torch.randn(1, 2, 4), *([None] * 7), 2, 8)
+        with pytest.raises(ValueError, match="x: expected a CUDA tensor"):
+            kernels.moe_experts(torch.randn(3, 8), torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2),
+                                torch.randn(4, 6, 8), torch.randn(4, 8, 6))
     finally:
         kernels._lib.cache_clear()
 
 
 def test_shape_functions():
+    assert kernels.moe_experts_shapes((2, 16, 2688), (32, 6), (128, 1856, 2688), (128, 2688, 1856)) == (2, 16, 2688)
+    with pytest.raises(ValueError, match=r"idx: expected \[32, k\]"):
+        kernels.moe_experts_shapes((2, 16, 64), (16, 6), (8, 32, 64), (8, 64, 32))
+    with pytest.raises(ValueError, match="down"):
+        kernels.moe_experts_shapes((4, 64), (4, 2), (8, 32, 64), (8, 32, 64))
     assert kernels.block_attention_shapes((2, 16, 32, 128), (2, 16, 2, 128), (2, 1024, 2, 128)) == (2, 16, 32, 128)
     with pytest.raises(ValueError, match="divisible"):
         kernels.block_attention_shapes((2, 16, 32, 128), (2, 16, 3, 128), (2, 1024, 3, 128))

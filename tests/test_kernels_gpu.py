@@ -111,3 +111,24 @@ def test_seeded_scan_per_position_states(B, L, sizes):
     y, _, ssm, steps = kernels.seeded_mamba_scan(**args, return_steps=True)
     assert steps.shape == (B, L, H, P, N) and rel(steps, steps_ref) <= 1e-4
     assert torch.equal(steps[:, -1], ssm) and rel(y, y_ref) <= 1e-4
+
+
+@pytest.mark.parametrize("n, k, E, H, I", [(1, 6, 128, 2688, 1856), (16, 6, 128, 2688, 1856), (37, 2, 8, 64, 32),
+                                           (300, 6, 128, 256, 96)])
+def test_moe_experts_matches_reference(n, k, E, H, I):
+    from trtllm_twotower.plugins.reference import moe_experts_ref
+
+    gen = torch.Generator(device="cuda").manual_seed(n + E)
+    x = torch.randn(n, H, device="cuda", generator=gen)
+    idx = torch.stack([torch.randperm(E, device="cuda", generator=gen)[:k] for _ in range(n)])  # distinct per token
+    w = torch.rand(n, k, device="cuda", generator=gen)
+    up = torch.randn(E, I, H, device="cuda", generator=gen) / H ** 0.5
+    down = torch.randn(E, H, I, device="cuda", generator=gen) / I ** 0.5
+    ref = moe_experts_ref(x, idx, w, up, down)
+    got = kernels.moe_experts(x, idx, w, up, down)
+    assert rel(got, ref) <= 1e-4
+    xb, upb, downb = x.bfloat16(), up.bfloat16(), down.bfloat16()
+    exact = moe_experts_ref(xb.float(), idx, w, upb.float(), downb.float())
+    ref_bf16 = moe_experts_ref(xb, idx, w, upb, downb)
+    got_bf16 = kernels.moe_experts(xb, idx, w, upb, downb)
+    assert rel(got_bf16, exact) <= 2 * rel(ref_bf16, exact) + 1e-3

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trtllm_twotower.network.ops import TorchOps, moe_experts_ref
+from trtllm_twotower.network.ops import TorchOps
+from trtllm_twotower.plugins.reference import moe_experts_ref
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

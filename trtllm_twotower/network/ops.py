@@ -186,12 +186,12 @@ class TorchOps:
 
         Grouped GEMMs over the (token, slot) pairs sorted by expert, no host synchronisation; each
         token's k outputs are then summed in fp32 in ascending expert order and rounded once, as
-        ``moe_experts_ref`` (the spec's loop, and the fallback without ``torch._grouped_mm``). Training
+        ``reference.moe_experts_ref`` (the spec's loop, and the fallback without ``torch._grouped_mm``). Training
         (autograd recording through the experts) also takes the loop: grouped GEMMs have no reliable
         backward on the CPU."""
         self._op("moe_experts")
         if not self._grouped_mm or (torch.is_grad_enabled() and (x.requires_grad or up.requires_grad)):
-            return moe_experts_ref(x, idx, weights, up, down)
+            return reference.moe_experts_ref(x, idx, weights, up, down)
         tokens = x.reshape(-1, x.shape[-1])  # [n, H]
         n, k = idx.shape
         idx, slot_order = idx.sort(dim=-1)  # each token's experts ascending
@@ -217,16 +217,3 @@ def _torch_mamba_scan(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_s
                                                    ssm_state, n_groups, head_dim, chunk_size=SCAN_CHUNK)
     return reference.seeded_mamba_scan_ref(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state,
                                            ssm_state, n_groups, head_dim)
-
-
-def moe_experts_ref(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: torch.Tensor,
-                    down: torch.Tensor) -> torch.Tensor:
-    """The spec's MoE loop (§3): for each expert in ascending id, its tokens through
-    up -> relu^2 -> down, scaled by the routing weight and added to an fp32 accumulator."""
-    tokens = x.reshape(-1, x.shape[-1])  # [n, H]
-    acc = torch.zeros(tokens.shape, dtype=torch.float32, device=x.device)
-    for e in torch.unique(idx).tolist():
-        rows, slots = torch.nonzero(idx == e, as_tuple=True)  # ascending token order
-        a = torch.relu(F.linear(tokens[rows], up[e])).square()
-        acc.index_add_(0, rows, F.linear(a, down[e]).float() * weights[rows, slots, None])
-    return acc.to(x.dtype).reshape(x.shape)

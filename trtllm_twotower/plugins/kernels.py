@@ -47,6 +47,10 @@ def _lib():
     lib.twotower_seeded_mamba_scan.restype = _c_int
     lib.twotower_seeded_mamba_scan_workspace_bytes.argtypes = [_c_int] * 4
     lib.twotower_seeded_mamba_scan_workspace_bytes.restype = _c_size
+    lib.twotower_moe_experts.argtypes = [_ptr] * 7 + [_c_int] * 6 + [_ptr]
+    lib.twotower_moe_experts.restype = _c_int
+    lib.twotower_moe_experts_workspace_bytes.argtypes = [_c_int] * 6
+    lib.twotower_moe_experts_workspace_bytes.restype = _c_size
     return lib
 
 
@@ -181,12 +185,58 @@ def seeded_mamba_scan(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_s
     return (y, new_conv, new_ssm, ssm_steps) if return_steps else (y, new_conv, new_ssm)
 
 
+# ---- routed relu^2 experts ----------------------------------------------------------------------
+
+def moe_experts_shapes(x_shape, idx_shape, up_shape, down_shape) -> tuple[int, ...]:
+    """Output shape (= x's) from x [..., H], idx [n, k], up [E, I, H], down [E, H, I]."""
+    H = x_shape[-1]
+    n = 1
+    for d in x_shape[:-1]:
+        n *= d
+    E, I = up_shape[0], up_shape[1]
+    if len(idx_shape) != 2 or idx_shape[0] != n:
+        raise ValueError(f"idx: expected [{n}, k] (one row per token of x), got {list(idx_shape)}")
+    if tuple(up_shape) != (E, I, H):
+        raise ValueError(f"up: expected [E, I, {H}], got {list(up_shape)}")
+    if tuple(down_shape) != (E, H, I):
+        raise ValueError(f"down: expected [{E}, {H}, {I}], got {list(down_shape)}")
+    return tuple(x_shape)
+
+
+def moe_experts(x, idx, weights, up, down) -> torch.Tensor:
+    """See ``reference.moe_experts_ref``. idx may be int64 (made int32 here)."""
+    _check_lead("x", x)
+    shape = moe_experts_shapes(x.shape, idx.shape, up.shape, down.shape)
+    n, k = idx.shape
+    E, I, H = up.shape
+    device, dtype = x.device, x.dtype
+    x = x.contiguous()
+    ids = _expect("idx", idx.to(torch.int32), (n, k), torch.int32, device)
+    weights = _expect("weights", weights, (n, k), torch.float32, device)
+    up = _expect("up", up, (E, I, H), dtype, device)
+    down = _expect("down", down, (E, H, I), dtype, device)
+    lib = _lib()
+    out = torch.empty(shape, dtype=dtype, device=device)
+    workspace = torch.empty(lib.twotower_moe_experts_workspace_bytes(n, k, E, H, I, _DTYPE_CODES[dtype]),
+                            dtype=torch.uint8, device=device)
+    _check(lib.twotower_moe_experts(x.data_ptr(), ids.data_ptr(), weights.data_ptr(), up.data_ptr(), down.data_ptr(),
+                                    out.data_ptr(), workspace.data_ptr(), n, k, E, H, I, _DTYPE_CODES[dtype],
+                                    _stream(device)))
+    return out
+
+
 # ---- TensorRT plugins ---------------------------------------------------------------------------
 
+@lru_cache(maxsize=1)
 def load_trt_plugins() -> Path:
-    """Load libtwotower_plugins.so (RTLD_GLOBAL) so TensorRT's registry has our IPluginV3 creators."""
+    """Load libtwotower_plugins.so (RTLD_GLOBAL): loading it registers our IPluginV3 creators in
+    TensorRT's registry under the namespace "twotower" (once: later calls return the same path)."""
     path = library_path("libtwotower_plugins.so")
     if not path.is_file():
         raise KernelError(f"{path} not built: build with TensorRT present (TENSORRT_ROOT=... plugins/build.sh)")
-    ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    lib = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+    lib.twotower_plugins_registered.restype = _c_int
+    if not lib.twotower_plugins_registered():
+        raise KernelError(f"{path}: its plugin creators could not be registered with TensorRT (already registered "
+                          "by another copy of the library?)")
     return path

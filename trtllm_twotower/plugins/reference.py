@@ -1,4 +1,4 @@
-"""Readable torch references for the two custom kernels.
+"""Readable torch references for the custom kernels.
 
 Each function has the signature and semantics of its CUDA twin (``kernels.py`` calls the compiled
 library with the same arguments). They are the eager torch backend's implementation on CPU, and the
@@ -188,3 +188,22 @@ def seeded_mamba_scan_chunked(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D
     y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cp, states, torch.exp(dA_cumsum))
     y = (y_diag + y_off).reshape(B, c * chunk_size, *x.shape[2:])[:, :L] + D.float()[None, None, :, None] * x
     return y.reshape(B, L, -1).to(xbc.dtype), new_conv_state, final_state
+
+
+def moe_experts_ref(
+    x: torch.Tensor,  # [..., H]   the MoE layer's input (the normed hidden state)
+    idx: torch.Tensor,  # [n, k] int  expert of each (token, slot), n = tokens in x
+    weights: torch.Tensor,  # [n, k] fp32  routing weight of each (token, slot)
+    up: torch.Tensor,  # [E, I, H]
+    down: torch.Tensor,  # [E, H, I]
+) -> torch.Tensor:  # [..., H], dtype of x
+    """Routed relu^2 experts, the spec's loop (§3): for each expert in ascending id, its tokens
+    through up -> relu^2 -> down (each op rounded to x's dtype), scaled by the routing weight and
+    added to an fp32 accumulator; one rounding at the end. The shared expert is not included."""
+    tokens = x.reshape(-1, x.shape[-1])  # [n, H]
+    acc = torch.zeros(tokens.shape, dtype=torch.float32, device=x.device)
+    for e in torch.unique(idx).tolist():
+        rows, slots = torch.nonzero(idx == e, as_tuple=True)  # ascending token order
+        a = torch.relu(F.linear(tokens[rows], up[e])).square()
+        acc.index_add_(0, rows, F.linear(a, down[e]).float() * weights[rows, slots, None])
+    return acc.to(x.dtype).reshape(x.shape)

@@ -14,6 +14,10 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162f
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }  // one rounding
 
+// v rounded to the precision of the tensor dst points into (fp32: unchanged), kept in fp32.
+__device__ __forceinline__ float round_as(float v, const float*) { return v; }
+__device__ __forceinline__ float round_as(float v, const __nv_bfloat16*) { return __bfloat162float(__float2bfloat16_rn(v)); }
+
 inline int launch_status() {
     cudaError_t err = cudaGetLastError();
     return err == cudaSuccess ? 0 : static_cast<int>(err);

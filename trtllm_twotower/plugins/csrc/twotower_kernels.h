@@ -1,9 +1,10 @@
-// C ABI of the two custom kernels (torch-free, TensorRT-free). Callers: the ctypes loader
+// C ABI of the custom kernels (torch-free, TensorRT-free). Callers: the ctypes loader
 // (plugins/kernels.py), the IPluginV3 wrappers (plugins.cpp) and the GPU tests.
-// Semantics: plugins/reference.py (block_attention_ref, seeded_mamba_scan_ref).
+// Semantics: plugins/reference.py (block_attention_ref, seeded_mamba_scan_ref, moe_experts_ref).
 //
 // Shape alphabet: B batch, L new tokens, S cache capacity, H query heads, K kv heads, P head dim,
-// C conv channels (= H_m*P_m + 2*G*N), W conv width, G groups, N state size.
+// C conv channels (= H_m*P_m + 2*G*N), W conv width, G groups, N state size, n tokens, k experts per
+// token, E experts, I expert width.
 // All tensors are contiguous, row-major. dtype: 0 = fp32, 1 = bf16 (the "T" tensors below).
 // Return value: 0 on success, a negative TWOTOWER_ERR_* for bad arguments (nothing launched),
 // or a positive cudaError_t from the launch.
@@ -71,6 +72,24 @@ int twotower_seeded_mamba_scan(const void* xbc, const void* dt, const void* conv
                                float* ssm_states_out, void* workspace, int B, int L, int C, int W, int H, int P, int G,
                                int N, int dtype, cudaStream_t stream);
 size_t twotower_seeded_mamba_scan_workspace_bytes(int B, int L, int C, int dtype);
+
+// ---- routed relu^2 experts ------------------------------------------------------------------------
+// For each token r and slot j (expert e = expert_ids[r, j]):
+//   a = bf16(bf16(relu(bf16(x_r . up_e^T)))^2);  y = bf16(a . down_e^T)
+//   out_r = bf16( sum over its slots in ascending expert id of f32(y) * expert_weights[r, j] )
+// (spec §3 MoE; in fp32 nothing is rounded). Shared expert and router are not part of it.
+//   x              [n, H]      T      read
+//   expert_ids     [n, k]      int32  read; each in [0, E), a token's k ids distinct
+//   expert_weights [n, k]      fp32   read
+//   up             [E, I, H]   T      read
+//   down           [E, H, I]   T      read
+//   out            [n, H]      T      written
+//   workspace      bytes[twotower_moe_experts_workspace_bytes(...)]   scratch (grouping, activations)
+// Limits: E <= 1024, k <= 16.
+int twotower_moe_experts(const void* x, const int32_t* expert_ids, const float* expert_weights, const void* up,
+                         const void* down, void* out, void* workspace, int n, int k, int E, int H, int I, int dtype,
+                         cudaStream_t stream);
+size_t twotower_moe_experts_workspace_bytes(int n, int k, int E, int H, int I, int dtype);
 
 #ifdef __cplusplus
 }
