@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -21,12 +22,13 @@ import torch
 
 from trtllm_twotower.checkpoint import CONTEXT, DENOISER, NANO, TWOTOWER, CheckpointError
 from trtllm_twotower.config import ConfigError, TwoTowerConfig, load_config
-from trtllm_twotower.convert import DTYPES, convert_checkpoint, trtllm_params
-from trtllm_twotower.engine_io import BuildLimits, engine_io, memory_plan, profiles
+from trtllm_twotower.convert import ARCHITECTURES, DTYPES, convert_checkpoint, trtllm_params
+from trtllm_twotower.engine_io import TRTLLM_BUILD_FLAGS, BuildLimits, engine_io, memory_plan, profiles, write_manifest
 from trtllm_twotower.fsutil import Terminated, atomic_directory
 
-PLUGINS = {CONTEXT: ["TwoTowerBlockAttention (causal, writes K/V)", "TwoTowerSeededMambaScan"],
-           DENOISER: ["TwoTowerBlockAttention (bidirectional, read-only)", "TwoTowerSeededMambaScan (state dropped)"]}
+PLUGINS = {CONTEXT: ["TwoTowerBlockAttention (causal)", "TwoTowerSeededMambaScan", "TwoTowerMoeExperts"],
+           DENOISER: ["TwoTowerBlockAttention (bidirectional)", "TwoTowerSeededMambaScan (state dropped)",
+                      "TwoTowerMoeExperts"]}
 
 
 def weight_bytes(cfg: TwoTowerConfig, layout: str, dtype: str) -> dict[str, int]:
@@ -41,11 +43,22 @@ def build_plan(cfg: TwoTowerConfig, layout: str, limits: BuildLimits, dtype: str
         "dtype": dtype,
         "limits": limits.__dict__,
         "towers": {t: {"weight_bytes": sizes[t], "plugins": PLUGINS[t], "profiles": profiles(t, limits),
-                       "io": [{"name": s.name, "dtype": s.dtype, "dims": list(s.dims), "input": s.is_input,
-                               **({"aliases": s.aliases} if s.aliases else {})} for s in engine_io(cfg, t, dtype)]}
+                       "io": [{"name": s.name, "dtype": s.dtype, "dims": list(s.dims), "input": s.is_input}
+                              for s in engine_io(cfg, t, dtype)]}
                    for t in sizes},
         "memory": memory_plan(cfg, sizes, limits, dtype),
     }
+
+
+def trtllm_build_commands(out: Path, limits: BuildLimits, towers: list[str]) -> list[list[str]]:
+    """The ``trtllm-build`` command of each tower (the Python-API build does the same)."""
+    entry = Path(__file__).resolve().parent / "trtllm_twotower" / "trtllm_build_entry.py"
+    return [["trtllm-build", "--checkpoint_dir", str(out / "trtllm_checkpoint" / tower),
+             "--output_dir", str(out / "engines" / tower), "--model_cls_file", str(entry),
+             "--model_cls_name", ARCHITECTURES[tower], "--max_batch_size", str(limits.max_batch_size),
+             "--max_input_len", str(limits.max_input_len), "--max_seq_len", str(limits.max_seq_len),
+             "--max_num_tokens", str(limits.max_batch_size * limits.max_input_len),
+             "--output_timing_cache", str(out / "timing.cache"), *TRTLLM_BUILD_FLAGS] for tower in towers]
 
 
 def print_plan(plan: dict) -> None:
@@ -73,6 +86,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", help="config.json for --plan-only")
     p.add_argument("--inspect", metavar="ENGINE_DIR", help="list an engine's layers and I/O with Polygraphy")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-build", action="store_true", help="write the checkpoints and trtllm_build.sh, build no engine")
     return p.parse_args(argv)
 
 
@@ -127,13 +141,21 @@ def build(args, limits: BuildLimits) -> int:
         plan = build_plan(cfg, layout, limits, args.dtype)
         (tmp / "build_plan.json").write_text(json.dumps(plan, indent=2))
         print_plan(plan)
-        if tensorrt_llm is not None:
+        commands = trtllm_build_commands(out, limits, list(towers))
+        (tmp / "trtllm_build.sh").write_text("#!/usr/bin/env bash\n# Build the engines with trtllm-build "
+                                             "(TensorRT-LLM 1.2, a GPU; the trtllm_twotower package importable)\n"
+                                             "set -euo pipefail\n" + "".join(shlex.join(c) + "\n" for c in commands))
+        (tmp / "trtllm_build.sh").chmod(0o755)
+        write_manifest(tmp, cfg, limits, list(towers))
+        if tensorrt_llm is not None and not args.no_build:
             from trtllm_twotower.network.trt import build_engines
 
             build_engines({t: tmp / "trtllm_checkpoint" / t for t in towers}, tmp, cfg, limits, args.workers)
-    if tensorrt_llm is None:
-        print(f"wrote {out}/trtllm_checkpoint and {out}/build_plan.json; the engine build needs TensorRT-LLM 1.2 "
-              "(pip install 'trtllm-twotower[trt]') and a GPU")
+    if tensorrt_llm is None or args.no_build:
+        print(f"wrote {out}/trtllm_checkpoint, {out}/build_plan.json and {out}/manifest.json; build the engines "
+              f"with {out}/trtllm_build.sh (TensorRT-LLM 1.2 and a GPU):")
+        for c in trtllm_build_commands(out, limits, list(towers)):
+            print("  " + shlex.join(c))
     return 0
 
 

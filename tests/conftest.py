@@ -26,6 +26,7 @@ def scheduler_errors_fail_the_test(caplog):
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (and the built kernel library); skipped without one")
     config.addinivalue_line("markers", "triton: starts a real tritonserver (nvidia-pytriton) on loopback")
+    config.addinivalue_line("markers", "trt: builds and runs TensorRT-LLM 1.2 engines (GPU); skipped without them")
 
 
 @pytest.fixture(scope="session")

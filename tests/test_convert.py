@@ -66,7 +66,7 @@ def test_converted_file_layout(demo_dir, tmp_path):
     reader = CheckpointReader(out["context"])
     assert reader.shape("layers.2.experts_up") == (8, 32, 64)  # stacked [E, I, H]
     assert reader.shape("layers.0.conv_weight") == (128, 4)
-    assert CheckpointReader(out["denoiser"]).shape("scale_shift") == (8, 3, 64)
+    assert CheckpointReader(out["denoiser"]).shape("layers.7.scale_shift") == (3, 64)  # one table per layer
     assert not list(tmp_path.glob(".trt.*")), "temp dir left behind"
 
 
@@ -85,8 +85,17 @@ def test_build_engine_cli_without_tensorrt(demo_dir, tmp_path):
                           "--output-dir", str(out), "--no-progress", "--max-seq-len", "512", "--max-input-len", "256"],
                          capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 0, run.stderr
-    assert run.stdout.strip().splitlines()[-1].endswith("the engine build needs TensorRT-LLM 1.2 "
-                                                         "(pip install 'trtllm-twotower[trt]') and a GPU")
+    assert "build the engines with" in run.stdout and "(TensorRT-LLM 1.2 and a GPU)" in run.stdout
+    commands = [line.split() for line in (out / "trtllm_build.sh").read_text().splitlines()
+                if line.startswith("trtllm-build")]
+    assert [c[c.index("--model_cls_name") + 1] for c in commands] == ["TwoTowerContextForCausalLM", "TwoTowerDenoiser"]
+    for c in commands:  # the flags the model needs, and an entry file that exists
+        assert Path(c[c.index("--model_cls_file") + 1]).is_file()
+        assert c[c.index("--remove_input_padding") + 1] == "disable" and c[c.index("--max_seq_len") + 1] == "512"
+        assert (Path(c[c.index("--checkpoint_dir") + 1]) / "rank0.safetensors").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["engines"] == {"context": "engines/context", "denoiser": "engines/denoiser"}
+    assert manifest["built_with"] is None and manifest["limits"]["max_seq_len"] == 512
     plan = json.loads((out / "build_plan.json").read_text())
     assert set(plan["towers"]) == {"context", "denoiser"}
     assert (out / "trtllm_checkpoint" / "context" / "rank0.safetensors").is_file()
@@ -117,7 +126,7 @@ def test_real_model_build_plan(tmp_path):
     io = {s.name: s for s in engine_io(config_from_dict(REAL_CONFIG), "context")}
     assert io["past_key_5"].dims == ("batch", "max_seq_len", 2, 128)
     assert io["past_ssm_state_0"].dims == ("batch", 64, 64, 128) and io["past_ssm_state_0"].dtype == "float32"
-    assert io["present_key_42"].aliases == "past_key_42"
+    assert io["new_key_42"].dims == ("batch", "tokens", 2, 128) and "present_key_42" not in io  # appended by the runtime
     assert "timestep" not in io and "past_conv_state_50" in io
 
 
@@ -140,3 +149,35 @@ def test_trt_op_table_covers_every_op_the_towers_run(all_kinds_dir):
     assert trace == set(ops_module.OP_NAMES)  # the interface is exactly what the towers use
     trt_methods = {m for m in vars(TrtOps) if not m.startswith("_")}
     assert trt_methods == set(ops_module.OP_NAMES)
+
+
+def test_module_tree_names_equal_the_checkpoint_keys(demo_dir, all_kinds_dir):
+    """The TensorRT-LLM module tree is built from ``module_tree``; joined as upstream's
+    Module.named_parameters joins names, it gives exactly the converter's parameter names."""
+    from trtllm_twotower.checkpoint import TWOTOWER
+    from trtllm_twotower.config import load_config
+    from trtllm_twotower.convert import module_tree, trtllm_params, tree_names
+
+    for directory in (demo_dir, all_kinds_dir):
+        cfg = load_config(directory)
+        for tower in ("context", "denoiser"):
+            params = trtllm_params(cfg, TWOTOWER, tower, torch.bfloat16)
+            tree = module_tree(params)
+            assert sorted(tree_names(tree)) == sorted(p.name for p in params)
+            assert len(tree["layers"]) == cfg.num_layers
+            assert all("." not in name for layer in tree["layers"] for name in layer)  # attribute names
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # load_module: what trtllm-build calls
+def test_trtllm_build_entry_file_uses_absolute_imports_only():
+    """trtllm-build loads --model_cls_file with SourceFileLoader('models', path): a module without a
+    package, so a relative import would fail there. Without TensorRT-LLM it stops with its own message."""
+    import ast
+    from importlib.machinery import SourceFileLoader
+
+    entry = ROOT / "trtllm_twotower" / "trtllm_build_entry.py"
+    tree = ast.parse(entry.read_text())
+    assert all(node.level == 0 for node in ast.walk(tree) if isinstance(node, ast.ImportFrom))
+    with pytest.raises(ImportError, match="TensorRT-LLM 1.2 is not installed"):
+        SourceFileLoader("models", str(entry)).load_module()
+

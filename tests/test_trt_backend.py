@@ -1,32 +1,87 @@
-"""Engine build and engine tokens (needs TensorRT-LLM 1.2 and a GPU; skipped otherwise)."""
+"""The engines (``pytest -m trt``): on a machine with TensorRT-LLM 1.2, a GPU and the plugin library
+built against its TensorRT, build both towers' engines from the demo checkpoint with the Python API
+and with ``trtllm-build``, run them through TrtExecutor, and compare with the torch backend.
+Skipped (with the reason) everywhere else; nothing here fakes TensorRT."""
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [
+    pytest.mark.trt,
     pytest.mark.skipif(importlib.util.find_spec("tensorrt_llm") is None, reason="TensorRT-LLM 1.2 not installed"),
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
+LIMITS = ["--max-batch-size", "4", "--max-seq-len", "256", "--max-input-len", "128", "--block-size", "16"]
 
 
-def test_tiny_engines_give_the_torch_tokens(demo_dir, tmp_path):
-    """Build both engines for the demo checkpoint; greedy diffusion and AR tokens equal the torch backend's."""
-    import subprocess
-    import sys
-    from pathlib import Path
+@pytest.fixture(scope="module")
+def plugins():
+    from trtllm_twotower.plugins import kernels
 
+    if not kernels.library_path("libtwotower_plugins.so").is_file():
+        subprocess.run(["bash", str(ROOT / "trtllm_twotower" / "plugins" / "build.sh"), "-DTWOTOWER_BUILD_TRT_PLUGINS=ON"],
+                       check=True)
+    return kernels.load_trt_plugins()
+
+
+@pytest.fixture(scope="module")
+def python_api_engines(demo_dir, tmp_path_factory, plugins):
+    out = tmp_path_factory.mktemp("trt") / "api"
+    subprocess.run([sys.executable, str(ROOT / "build_engine.py"), "--checkpoint", str(demo_dir), "--output-dir",
+                    str(out), "--no-progress", *LIMITS], check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trtllm_build_engines(demo_dir, tmp_path_factory, plugins):
+    out = tmp_path_factory.mktemp("trt") / "cli"
+    subprocess.run([sys.executable, str(ROOT / "build_engine.py"), "--checkpoint", str(demo_dir), "--output-dir",
+                    str(out), "--no-progress", "--no-build", *LIMITS], check=True)
+    subprocess.run(["bash", str(out / "trtllm_build.sh")], check=True, cwd=ROOT)
+    return out
+
+
+def _runtimes(demo_dir, engine_dir):
     from trtllm_twotower.runtime import TwoTowerRuntime
 
-    root = Path(__file__).resolve().parents[1]
-    out = tmp_path / "out"
-    subprocess.run([sys.executable, str(root / "build_engine.py"), "--checkpoint", str(demo_dir), "--output-dir",
-                    str(out), "--max-seq-len", "256", "--max-input-len", "128", "--no-progress"], check=True)
-    engine = TwoTowerRuntime.from_checkpoint(demo_dir, backend="trt", engine_dir=out)
+    engine = TwoTowerRuntime.from_checkpoint(demo_dir, backend="trt", engine_dir=engine_dir)
     torch_rt = TwoTowerRuntime.from_checkpoint(demo_dir, dtype="bfloat16", context_device="cuda:0")
+    return engine, torch_rt
+
+
+@pytest.mark.parametrize("which", ["python_api_engines", "trtllm_build_engines"])
+def test_engine_logits_match_the_torch_backend(demo_dir, which, request):
+    engine, torch_rt = _runtimes(demo_dir, request.getfixturevalue(which))
+    prompts = [[5, 60, 7, 99, 42, 130, 8], [200, 9]]
+    ctx_state, ctx_logits = engine.executor.prefill(prompts, 64)
+    ref_state, ref_logits = torch_rt.executor.prefill(prompts, 64)
+    scale = ref_logits.abs().max()
+    assert (ctx_logits - ref_logits).abs().max() <= 0.05 * scale  # bf16 networks, different kernels
+    block = torch.full((2, 16), torch_rt.cfg.mask_token_id, device="cuda:0")
+    t = torch.ones(2, device="cuda:0")
+    den = engine.executor.denoise(ctx_state, block, t)
+    ref = torch_rt.executor.denoise(ref_state, block, t)
+    assert (den - ref).abs().max() <= 0.05 * ref.abs().max()
+
+
+@pytest.mark.parametrize("which", ["python_api_engines", "trtllm_build_engines"])
+def test_engine_greedy_tokens_equal_the_torch_backend(demo_dir, which, request):
+    engine, torch_rt = _runtimes(demo_dir, request.getfixturevalue(which))
     for mode in ("diffusion", "ar"):
         kw = dict(max_new_tokens=32, mode=mode, confidence_threshold=0.03, eos_token_id=None)
         assert engine.generate(["engine"], **kw).output_ids == torch_rt.generate(["engine"], **kw).output_ids
+
+
+def test_engines_refuse_another_config(demo_dir, all_kinds_dir, python_api_engines):
+    from trtllm_twotower.runtime import TwoTowerRuntime
+
+    with pytest.raises(ValueError, match="built for another config.json"):
+        TwoTowerRuntime.from_checkpoint(all_kinds_dir, backend="trt", engine_dir=python_api_engines)

@@ -2,9 +2,10 @@
 
 A TRT-LLM checkpoint is a directory with ``config.json`` (a ``PretrainedConfig``) and
 ``rank0.safetensors``. The parameter names are the paths of the torch backend's weights tree
-(``layers.3.in_proj``, ``layers.1.experts_up`` [E, I, H], ``scale_shift`` [layers, 3, D], ...): the
-TensorRT model classes in ``network/trt.py`` declare their Parameters from ``trtllm_params`` too,
-so the converter, the engine and the torch backend cannot drift apart.
+(``layers.3.in_proj``, ``layers.1.experts_up`` [E, I, H], ``layers.5.scale_shift`` [3, D], ...), which
+are also the names TensorRT-LLM's ``Module.named_parameters`` gives the module tree that
+``network/trt.py`` builds from ``module_tree`` (attribute names joined with ".", ModuleList
+entries by index): converter, engine and torch backend share one description.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import (CONTEXT, DENOISER, NANO, TWOTOWER, CheckpointError, CheckpointReader,
-                         StreamingSafetensorsWriter, TensorSpec, resolve_keys, tower_tensor_specs)
+                         StreamingSafetensorsWriter, TensorSpec, capped, resolve_keys, tower_tensor_specs)
 from .config import TwoTowerConfig, config_from_dict, load_config
 from .fsutil import atomic_directory
 
@@ -39,8 +40,8 @@ def _param_name(spec: TensorSpec) -> str:
     slot = spec.slot
     if len(slot) == 4:  # ("layers", i, "experts_up", e) -> stacked per layer
         return f"layers.{slot[1]}.{slot[2]}"
-    if slot[0] == "scale_shift":  # ("scale_shift", i) -> one [layers, 3, D] table
-        return "scale_shift"
+    if slot[0] == "scale_shift":  # ("scale_shift", i) -> that layer's [3, D] table
+        return f"layers.{slot[1]}.scale_shift"
     return ".".join(str(s) for s in slot)
 
 
@@ -59,6 +60,30 @@ def trtllm_params(cfg: TwoTowerConfig, layout: str, tower: str, dtype: torch.dty
             shape = (len(specs), *shape)
         params.append(TrtParam(name, shape, torch.float32 if first.fp32 else dtype, tuple(specs)))
     return params
+
+
+def module_tree(params: list[TrtParam]) -> dict:
+    """The module tree of a tower's TRT-LLM model: {attribute: TrtParam} at the top, and "layers":
+    [{attribute: TrtParam}] (a ModuleList). Joining the attribute path with "." gives each name."""
+    tree: dict = {"layers": []}
+    for p in params:
+        parts = p.name.split(".")
+        if parts[0] == "layers":
+            i = int(parts[1])
+            while len(tree["layers"]) <= i:
+                tree["layers"].append({})
+            tree["layers"][i][parts[2]] = p
+        else:
+            tree[p.name] = p
+    return tree
+
+
+def tree_names(tree: dict) -> list[str]:
+    """Names as TensorRT-LLM's Module.named_parameters joins them (module.py: prefix + "." + name)."""
+    names = [k for k in tree if k != "layers"]
+    for i, layer in enumerate(tree["layers"]):
+        names += [f"layers.{i}.{k}" for k in layer]
+    return names
 
 
 def trtllm_config(cfg: TwoTowerConfig, tower: str, dtype: str, block_size: int = 16) -> dict:
@@ -149,5 +174,7 @@ def load_trtllm_checkpoint(directory: str | Path, device: torch.device | str = "
     expected = {p.name for p in trtllm_params(cfg, TWOTOWER, tower, torch.bfloat16)}
     missing = sorted(expected - set(reader.keys()))
     if missing:
-        raise CheckpointError(f"{directory}: missing parameters: {', '.join(missing)}")
+        raise CheckpointError(f"{directory}: missing parameters: {capped(missing)}")
+    if tower == DENOISER:  # the torch towers index one [layers, 3, D] table
+        weights["scale_shift"] = torch.stack([layer.pop("scale_shift") for layer in weights["layers"]])
     return cfg, tower, weights

@@ -1,8 +1,9 @@
 """Engine inputs and outputs, named once for the builder (``network/trt.py``) and the TensorRT
 executor (``runtime/trt_executor.py``), and the build plan (shapes, profiles, GPU memory).
 
-Context engine: ``input_ids`` over ``past_*`` state -> ``present_*`` state (K/V written in place:
-each ``present_key_{i}`` aliases ``past_key_{i}``) and the last token's logits.
+Context engine: ``input_ids`` over ``past_*`` state -> ``new_key_{i}`` / ``new_value_{i}`` (the K/V of
+the new tokens, which the runtime appends to its caches: the engine only reads ``past_key_{i}``),
+``present_conv_state_{i}`` / ``present_ssm_state_{i}`` and the last token's logits.
 Denoiser engine: a block over the context's state (read only) -> logits, plus the commit
 quantities computed next to the head (``pred_ids``, ``confidence``: mask excluded, argmax, softmax
 max at temperature 1), so greedy steps need not copy [B, L, V] fp32 logits.
@@ -10,7 +11,10 @@ max at temperature 1), so greedy steps need not copy [B, L, V] fp32 logits.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .checkpoint import CONTEXT, DENOISER
 from .config import ATTENTION, MAMBA, TwoTowerConfig
@@ -24,7 +28,6 @@ class IOSpec:
     dtype: str  # "int32" | "float32" | compute dtype name
     dims: tuple  # ints, or the names BATCH / TOKENS (dynamic), or CACHE (static: max_seq_len)
     is_input: bool
-    aliases: str | None = None  # output written in place into this input's buffer
 
 
 @dataclass(frozen=True)
@@ -69,10 +72,13 @@ def engine_io(cfg: TwoTowerConfig, tower: str, dtype: str = "bfloat16") -> list[
         io += [IOSpec(name, dt, dims, True) for _, name in entries]
     if tower == CONTEXT:
         io.append(IOSpec("last_logits", "float32", (BATCH, cfg.vocab_size), False))
+        new_kv = (BATCH, TOKENS, cfg.num_key_value_heads, cfg.head_dim)
         for kind, entries in names.items():
             dims, dt = shapes[kind]
-            io += [IOSpec(name.replace("past_", "present_"), dt, dims, False,
-                          aliases=name if kind in ("key", "value") else None) for _, name in entries]
+            if kind in ("key", "value"):
+                io += [IOSpec(name.replace("past_", "new_"), dt, new_kv, False) for _, name in entries]
+            else:
+                io += [IOSpec(name.replace("past_", "present_"), dt, dims, False) for _, name in entries]
     else:
         io += [IOSpec("logits", "float32", (BATCH, TOKENS, cfg.vocab_size), False),
                IOSpec("pred_ids", "int32", (BATCH, TOKENS), False),
@@ -143,3 +149,44 @@ def memory_plan(cfg: TwoTowerConfig, weight_bytes: dict[str, int], limits: Build
         plan["capacity_gib"] = plan.pop("capacity") / gib
         plan["fits"] = all(b <= plan["capacity_gib"] for b in plan["devices_gib"].values())
     return plans
+
+
+# ---- engines on disk ----------------------------------------------------------------------------
+
+# trtllm-build flags of both engines: padded [batch, tokens] inputs, and no TensorRT-LLM KV cache (the
+# model keeps its own caches and runs its own attention plugin).
+TRTLLM_BUILD_FLAGS = ("--remove_input_padding", "disable", "--kv_cache_type", "disabled")
+
+
+class EngineMismatchError(ValueError):
+    """Engines built for another config, or missing."""
+
+
+def config_hash(twotower_config: dict) -> str:
+    return hashlib.sha256(json.dumps(twotower_config, sort_keys=True).encode()).hexdigest()
+
+
+def write_manifest(out_dir: Path, cfg: TwoTowerConfig, limits: BuildLimits, towers: list[str],
+                   built_with: dict | None = None) -> None:
+    """``manifest.json``: which config and limits the engines under ``engines/{tower}`` are for, and
+    (after a Python-API build) the TensorRT-LLM, TensorRT and plugin library that built them."""
+    manifest = {"config_sha256": config_hash(cfg.to_dict()), "limits": asdict(limits),
+                "engines": {t: f"engines/{t}" for t in towers}, "built_with": built_with}
+    (Path(out_dir) / "manifest.json").write_text(json.dumps(manifest, indent=2))
+
+
+def check_manifest(engine_dir: Path, cfg: TwoTowerConfig) -> dict:
+    """Refuse engines built for another model config, or not built yet."""
+    path = Path(engine_dir) / "manifest.json"
+    if not path.is_file():
+        raise EngineMismatchError(f"{engine_dir}: no manifest.json (build with build_engine.py)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("config_sha256") != config_hash(cfg.to_dict()):
+        raise EngineMismatchError(f"{engine_dir}: engines were built for another config.json than the checkpoint's")
+    missing = [t for t in (CONTEXT, DENOISER) if t not in manifest.get("engines", {})
+               or not (Path(engine_dir) / manifest["engines"][t] / "rank0.engine").is_file()]
+    if missing:
+        raise EngineMismatchError(f"{engine_dir}: no engine for {', '.join(missing)} (run its trtllm_build.sh, or "
+                                  "build_engine.py with TensorRT-LLM installed)")
+    return manifest
+

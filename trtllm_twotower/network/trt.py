@@ -3,12 +3,16 @@
 NOT EXECUTED: TensorRT-LLM cannot be installed where this project is developed and tested. The
 module imports without it (``TrtOps``' op names are checked against ``ops.OP_NAMES`` in CI); the
 classes and ``build_engines`` need ``tensorrt-llm>=1.2,<1.3`` (pip install 'trtllm-twotower[trt]').
+Every ``tensorrt_llm`` / ``tensorrt`` call was checked against the upstream sources listed in
+docs/tensorrt.md (the table names the file each one was read in).
 
 The towers are the SAME functions as the torch backend (``network.towers`` / ``layers``) called with
-``TrtOps``; each op maps to ``tensorrt_llm.functional`` or to one of this project's plugins:
-  block_attention -> TwoTowerBlockAttention (IPluginV3, plugins/csrc), mamba_scan -> TwoTowerSeededMambaScan,
-  moe_experts     -> TRT-LLM's MixtureOfExperts plugin with static routing (``MOE.forward_experts``;
-                     relu^2 needs the kernel's Relu2 activation, see ``_moe_activation``),
+``TrtOps``; each op maps to ``tensorrt_llm.functional`` or to one of this project's IPluginV3
+plugins (plugins/csrc/plugins.cpp):
+  block_attention -> TwoTowerBlockAttention (read-only; the context engine outputs the new K/V,
+                     the runtime appends them to its caches),
+  mamba_scan      -> TwoTowerSeededMambaScan,
+  moe_experts     -> TwoTowerMoeExperts (TensorRT-LLM 1.2's MoE plugin has no relu^2 activation),
   moe_route       -> fp32 functional ops: TensorRT has no fp64 (the reference router is fp64);
                      measure the expert flip rate against ``TorchOps`` before trusting an engine.
 """
@@ -16,7 +20,6 @@ The towers are the SAME functions as the torch backend (``network.towers`` / ``l
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from pathlib import Path
 
@@ -24,7 +27,10 @@ try:
     import tensorrt as trt
     import tensorrt_llm
     from tensorrt_llm import functional as F
+    from tensorrt_llm._common import default_net
+    from tensorrt_llm._utils import str_dtype_to_trt
     from tensorrt_llm.models.modeling_utils import PretrainedConfig, PretrainedModel
+    from tensorrt_llm.module import Module, ModuleList
     from tensorrt_llm.parameter import Parameter
 except ImportError:  # the op table stays inspectable; everything else raises on use
     tensorrt_llm = None
@@ -35,39 +41,56 @@ def _require() -> None:
         raise ImportError("TensorRT-LLM 1.2 is not installed: pip install 'trtllm-twotower[trt]' on a GPU machine")
 
 
-class TrtOps:
-    """The op interface on TensorRT-LLM tensors (one method per name in ``ops.OP_NAMES``)."""
+def _dims(x, count: int) -> list:
+    """The first ``count`` dims of x as shape tensors (dynamic dims stay dynamic)."""
+    return [F.shape(x, i) for i in range(count)]
 
-    def __init__(self, dtype: str):
+
+class TrtOps:
+    """The op interface on TensorRT-LLM tensors (one method per name in ``ops.OP_NAMES``).
+
+    ``commit``: the network keeps the Mamba states (context engine) or drops them (denoiser).
+    ``new_kv``: past_key_{i} name -> (k, v) of the new tokens, which the context engine outputs."""
+
+    def __init__(self, dtype: str, commit: bool):
         _require()
         self.dtype = dtype
-        # past_key_{i} name -> (k_cache, v_cache) as written by the plugin (aliased, in place): the
-        # context model marks these as present_key_{i} / present_value_{i}
-        self.written_caches: dict = {}
+        self.commit = commit
+        self.new_kv: dict = {}
 
     def embedding(self, table, ids):
         return F.embedding(ids, table)
 
     def linear(self, x, weight, bias=None):
-        y = F.matmul(x, weight, transb=True)  # fp32 accumulation, result in the compute dtype
+        y = F.matmul(x, weight, transb=True)  # bf16 GEMM: TensorRT accumulates in fp32, one rounding
         return y if bias is None else y + bias
 
     def rms_norm(self, x, weight, eps):
-        return F.rms_norm(x, normalized_shape=x.size(-1), weight=weight, eps=eps)  # fp32 inside
+        """bf16(w_fp32 * x_fp32 * rsqrt(mean(x_fp32^2) + eps)): one rounding, as the spec and
+        TorchOps (F.rms_norm rounds before multiplying by the weight)."""
+        xf = F.cast(x, "float32")
+        ms = F.mean(xf * xf, dim=x.ndim() - 1, keepdim=True)
+        return F.cast(xf / F.sqrt(ms + eps) * F.cast(weight, "float32"), self.dtype)
 
     def gated_rms_norm(self, y, z, weight, n_groups, eps):
-        v = F.cast(y, "float32") * F.silu(F.cast(z, "float32"))
-        return F.cast(F.rms_norm(v, normalized_shape=y.size(-1), num_groups=n_groups, weight=F.cast(weight, "float32"),
-                                 eps=eps), self.dtype)
+        """Gate then norm per group of channels; the groups are split with shape tensors (two
+        dynamic dims: F.rms_norm(num_groups=) cannot reshape that)."""
+        v = F.cast(y, "float32") * F.silu(F.cast(z, "float32"))  # [B, L, D]
+        lead = _dims(v, v.ndim() - 1)
+        width = v.size(-1)
+        g = v.view(F.concat(lead + [n_groups, width // n_groups]))  # [B, L, G, D/G]
+        ms = F.mean(g * g, dim=g.ndim() - 1, keepdim=True)
+        g = g / F.sqrt(ms + eps)
+        return F.cast(g.view(F.concat(lead + [width])) * F.cast(weight, "float32"), self.dtype)
 
     def split(self, x, sizes):
         return F.split(x, sizes, dim=x.ndim() - 1)
 
     def split_heads(self, x, heads, head_dim):
-        return x.view(F.concat([F.shape(x, i) for i in range(x.ndim() - 1)] + [heads, head_dim]))
+        return x.view(F.concat(_dims(x, x.ndim() - 1) + [heads, head_dim]))
 
     def merge_heads(self, x):
-        return x.view(F.concat([F.shape(x, i) for i in range(x.ndim() - 2)] + [x.size(-2) * x.size(-1)]))
+        return x.view(F.concat(_dims(x, x.ndim() - 2) + [x.size(-2) * x.size(-1)]))
 
     def add(self, a, b):
         return a + b
@@ -98,32 +121,34 @@ class TrtOps:
     def block_attention(self, q, k, v, k_cache, v_cache, cache_lens, causal, write_cache):
         from ..plugins.trt_layers import block_attention_plugin
 
-        out, k_written, v_written = block_attention_plugin(q, k, v, k_cache, v_cache, cache_lens, causal, write_cache)
-        if write_cache:
-            self.written_caches[k_cache.name] = (k_written, v_written)
-        return out
+        if write_cache:  # the engine outputs the block's K/V; the runtime appends them
+            self.new_kv[k_cache.name] = (k, v)
+        return block_attention_plugin(q, k, v, k_cache, v_cache, cache_lens, causal)
 
     def mamba_scan(self, xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state, n_groups, head_dim,
                    per_position=False):
         from ..plugins.trt_layers import seeded_mamba_scan_plugin
 
         if per_position:
-            raise NotImplementedError("per-position states (speculative mode) are not part of the engines yet")
-
+            raise NotImplementedError("per-position states (speculative mode) are not part of the engines")
         return seeded_mamba_scan_plugin(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
-                                        n_groups, head_dim)
+                                        n_groups, head_dim, write_state=self.commit)
 
     def moe_route(self, x, router, correction_bias, top_k, normalize, scale):
-        scores = F.sigmoid(F.matmul(F.cast(x, "float32"), F.cast(router, "float32"), transb=True))
-        _, idx = F.topk(scores + correction_bias, top_k, dim=scores.ndim() - 1)
-        w = F.gather(scores, dim=scores.ndim() - 1, indices=idx)
+        """fp32 router (TensorRT has no fp64): x [B, L, D] -> ids [B*L, k] int32, weights [B*L, k] fp32."""
+        flat = x.view(F.concat([F.shape(x, 0) * F.shape(x, 1), x.size(-1)]))  # [n, D]
+        scores = F.sigmoid(F.matmul(F.cast(flat, "float32"), F.cast(router, "float32"), transb=True))  # [n, E]
+        _, idx = F.topk(scores + correction_bias, top_k, dim=1, prefer_plugin=False)  # TensorRT's own top-k
+        w = F.gather(scores, dim=1, indices=idx)
         if normalize:
-            w = w / (F.sum(w, dim=w.ndim() - 1, keepdim=True) + 1e-20)
+            w = w / (F.sum(w, dim=1, keepdim=True) + 1e-20)
         return idx, w * scale
 
     def moe_experts(self, x, idx, weights, up, down):
-        # ``up`` is the layer's MOE module (its fc/proj hold experts_up/experts_down), see TwoTowerModel
-        return up.forward_experts(x, idx, weights, None, _side_stream_disabled())
+        from ..plugins.trt_layers import moe_experts_plugin
+
+        flat = x.view(F.concat([F.shape(x, 0) * F.shape(x, 1), x.size(-1)]))  # [n, D]
+        return moe_experts_plugin(flat, idx, weights, up, down).view(F.shape(x))
 
 
 def _np():
@@ -132,26 +157,18 @@ def _np():
     return numpy
 
 
-def _side_stream_disabled():
-    from tensorrt_llm.layers.moe import SideStreamIDType
-
-    return SideStreamIDType.disable
-
-
-def _moe_activation() -> str:
-    """relu^2 in TRT-LLM's MoE plugin: 1.2's Python ACT2FN map has no 'relu2' while its kernels
-    know Relu2; refuse to build rather than silently use another activation."""
-    from tensorrt_llm.layers import moe
-
-    names = getattr(moe, "ACTIVATION_TYPE_MAP", None) or getattr(moe, "activation_type_map", {})
-    if "relu2" not in names:
-        raise NotImplementedError("this TensorRT-LLM build's MoE plugin exposes no relu2 activation; "
-                                  "relu^2 experts need a patched activation map (see README, engine path)")
-    return "relu2"
+def last_position(hidden):
+    """hidden [B, T, D] -> [B, D] at the last position (a slice; F.gather_last_token_logits with
+    padded input wants per-row lengths)."""
+    B, T = F.shape(hidden, 0), F.shape(hidden, 1)
+    D = hidden.size(-1)
+    piece = F.slice(hidden, starts=F.concat([0, T - 1, 0]), sizes=F.concat([B, 1, D]))
+    return piece.view(F.concat([B, D]))
 
 
 def inspect_engine(engine_dir: Path) -> int:
-    """Polygraphy listing of an engine's layers and I/O; exit code 2 without Polygraphy/TensorRT."""
+    """Polygraphy listing of an engine's layers and I/O (with this project's plugin library loaded:
+    the engines use no TensorRT-LLM plugin); exit code 2 without Polygraphy/TensorRT."""
     import importlib.util
     import subprocess
     import sys
@@ -163,35 +180,44 @@ def inspect_engine(engine_dir: Path) -> int:
     if not engine.is_file():
         print(f"error: no rank0.engine in {engine_dir}", file=sys.stderr)
         return 2
-    return subprocess.call([sys.executable, "-m", "polygraphy", "inspect", "model", str(engine),
-                            "--model-type", "engine", "--show", "layers", "attrs"])
+    from ..plugins import kernels
+
+    plugins = kernels.library_path("libtwotower_plugins.so")
+    return subprocess.call([sys.executable, "-m", "polygraphy", "inspect", "model", str(engine), "--model-type",
+                            "engine", "--show", "layers", "attrs", "--plugins", str(plugins)])
 
 
-def config_hash(twotower_config: dict) -> str:
-    return hashlib.sha256(json.dumps(twotower_config, sort_keys=True).encode()).hexdigest()
+def build_config(limits, output_dir: Path):
+    """The BuildConfig of one tower's engine, as engine_io.TRTLLM_BUILD_FLAGS: padded [B, T] inputs,
+    no TensorRT-LLM KV cache (the model has its own caches); the timing cache beside the engines."""
+    from tensorrt_llm.bindings import KVCacheType
+    from tensorrt_llm.builder import BuildConfig
+
+    config = BuildConfig(max_input_len=limits.max_input_len, max_seq_len=limits.max_seq_len,
+                         max_batch_size=limits.max_batch_size,
+                         max_num_tokens=limits.max_batch_size * limits.max_input_len, strongly_typed=True,
+                         kv_cache_type=KVCacheType.DISABLED, output_timing_cache=str(output_dir / "timing.cache"))
+    config.plugin_config.remove_input_padding = False
+    return config
 
 
 def build_engines(checkpoints: dict, out_dir: Path, cfg, limits, workers: int = 1) -> None:
-    """Build ``out_dir/engines/{tower}/`` from the converted checkpoints and write the manifest."""
+    """Build ``out_dir/engines/{tower}/`` from the converted checkpoints (the Python-API equivalent of
+    the trtllm-build commands) and record in the manifest what built them."""
     _require()
-    from tensorrt_llm.builder import BuildConfig, build
+    from tensorrt_llm.builder import build
 
+    from ..engine_io import write_manifest
     from ..plugins import kernels
 
-    plugin_lib = kernels.load_trt_plugins()  # registers TwoTowerBlockAttention / TwoTowerSeededMambaScan
-    manifest = {"config_sha256": config_hash(cfg.to_dict()), "tensorrt_llm": tensorrt_llm.__version__,
-                "tensorrt": trt.__version__, "plugin_library": str(plugin_lib),
-                "plugin_sha256": hashlib.sha256(Path(plugin_lib).read_bytes()).hexdigest(),
-                "limits": limits.__dict__, "engines": {}}
+    plugin_lib = kernels.load_trt_plugins()  # registers the twotower creators
     for tower, ckpt in checkpoints.items():
         model = MODEL_CLASSES[tower].from_checkpoint(str(ckpt))
-        build_config = BuildConfig(max_input_len=limits.max_input_len, max_seq_len=limits.max_seq_len,
-                                   max_batch_size=limits.max_batch_size, max_num_tokens=limits.max_batch_size
-                                   * limits.max_input_len, strongly_typed=True)
-        engine = build(model, build_config)
+        engine = build(model, build_config(limits, out_dir))
         engine.save(str(out_dir / "engines" / tower))
-        manifest["engines"][tower] = f"engines/{tower}"
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    write_manifest(out_dir, cfg, limits, list(checkpoints), built_with={
+        "tensorrt_llm": tensorrt_llm.__version__, "tensorrt": trt.__version__, "plugin_library": str(plugin_lib),
+        "plugin_sha256": hashlib.sha256(Path(plugin_lib).read_bytes()).hexdigest()})
 
 
 MODEL_CLASSES: dict = {}
@@ -200,16 +226,25 @@ if tensorrt_llm is not None:
     from tensorrt_llm.models import MODEL_MAP
 
     from ..checkpoint import CONTEXT, DENOISER, TWOTOWER
-    from ..config import MOE, config_from_dict
-    from ..convert import ARCHITECTURES, trtllm_params
-    from ..engine_io import BuildLimits, engine_io, profiles
+    from ..config import config_from_dict
+    from ..convert import ARCHITECTURES, module_tree, trtllm_params
+    from ..engine_io import BuildLimits, engine_io, profiles, state_names
     from . import towers
 
     class TwoTowerConfig(PretrainedConfig):
         """PretrainedConfig carrying the model's own config.json fields under ``twotower``."""
 
+    class _Layer(Module):
+        """One layer's parameters, as attributes named by their slot (``in_proj``, ``experts_up`` ...)."""
+
+        def __init__(self, params: dict, dtype: str):
+            super().__init__()
+            for name, p in params.items():
+                setattr(self, name, Parameter(shape=p.shape, dtype="float32" if "float32" in str(p.dtype) else dtype))
+
     class _TwoTowerModel(PretrainedModel):
-        """Parameters declared from ``convert.trtllm_params``; forward = ``network.towers``."""
+        """Parameters declared from ``convert.module_tree`` (so ``named_parameters()`` are the
+        converter's names); forward = ``network.towers``."""
 
         config_class = TwoTowerConfig
         tower = ""
@@ -217,26 +252,30 @@ if tensorrt_llm is not None:
         def __init__(self, config):
             super().__init__(config)
             self.cfg = config_from_dict(config.twotower)
-            self.weights = {"layers": [dict() for _ in range(self.cfg.num_layers)]}
-            for p in trtllm_params(self.cfg, TWOTOWER, self.tower, _torch_dtype(config.dtype)):
-                param = Parameter(shape=p.shape, dtype="float32" if "float32" in str(p.dtype) else config.dtype)
-                setattr(self, p.name.replace(".", "__"), param)  # flat, unique module attributes
-                parts = p.name.split(".")
-                node = self.weights["layers"][int(parts[1])] if parts[0] == "layers" else self.weights
-                node[parts[-1]] = param
-            from tensorrt_llm.layers.moe import MOE as TrtMoe
-            from tensorrt_llm.layers.moe import MoeConfig
-
-            for i in self.cfg.layers_of(MOE):  # the pattern's 'E' layers
-                moe = TrtMoe(moe_config=MoeConfig(num_experts=self.cfg.n_routed_experts,
-                                               top_k=self.cfg.num_experts_per_tok),
-                          hidden_size=self.cfg.hidden_size, ffn_hidden_size=self.cfg.moe_intermediate_size,
-                          hidden_act=_moe_activation(), dtype=config.dtype, bias=False)
-                setattr(self, f"moe_{i}", moe)
-                self.weights["layers"][i]["experts_up"] = moe  # TrtOps.moe_experts takes the module
+            tree = module_tree(trtllm_params(self.cfg, TWOTOWER, self.tower, _torch_dtype(config.dtype)))
+            self._top = [name for name in tree if name != "layers"]
+            for name in self._top:
+                p = tree[name]
+                setattr(self, name, Parameter(shape=p.shape, dtype="float32" if "float32" in str(p.dtype)
+                                              else config.dtype))
+            self.layers = ModuleList([_Layer(layer, config.dtype) for layer in tree["layers"]])
 
         def __post_init__(self):
             return  # no quantization rewrites
+
+        def _weights(self) -> dict:
+            """The weights tree ``network.towers`` reads, as network tensors (``Parameter.value``)."""
+            w = {name: getattr(self, name).value for name in self._top}
+            w["layers"] = [{name: p.value for name, p in layer.named_parameters()} for layer in self.layers]
+            if self.tower == DENOISER:
+                w["scale_shift"] = [layer.pop("scale_shift") for layer in w["layers"]]
+            return w
+
+        def _check_plugin_config(self) -> None:
+            plugin_config = default_net().plugin_config
+            if plugin_config.remove_input_padding:
+                raise ValueError("the TwoTower engines take padded [batch, tokens] inputs: build with "
+                                 "--remove_input_padding disable (build_engine.py does)")
 
         def prepare_inputs(self, max_batch_size, max_input_len, max_seq_len, **kwargs):
             from collections import OrderedDict
@@ -256,11 +295,12 @@ if tensorrt_llm is not None:
                         dims[f"{spec.name}_{j}"] = [value] * len(ranges)
                 shape = [-1 if d in ("batch", "tokens") else (max_seq_len if d == "max_seq_len" else d)
                          for d in spec.dims]
-                inputs[spec.name] = F.Tensor(name=spec.name, dtype=spec.dtype, shape=shape, dim_range=dims)
+                inputs[spec.name] = F.Tensor(name=spec.name, dtype=str_dtype_to_trt(spec.dtype), shape=shape,
+                                             dim_range=dims)
             return {"inputs": inputs}
 
         def _state(self, inputs):
-            names = {kind: {i: inputs[n] for i, n in entries} for kind, entries in _state_names(self.cfg).items()}
+            names = {kind: {i: inputs[n] for i, n in entries} for kind, entries in state_names(self.cfg).items()}
             return towers.TowerState(lengths=inputs["cache_lens"], keys=names["key"], values=names["value"],
                                      conv=names["conv"], ssm=names["ssm"])
 
@@ -268,38 +308,34 @@ if tensorrt_llm is not None:
         tower = CONTEXT
 
         def forward(self, inputs):
-            ops = TrtOps(self.config.dtype)
-            state = self._state(inputs)
-            hidden, new_state = towers.forward_layers(ops, self.cfg, self.weights, inputs["input_ids"], state,
+            self._check_plugin_config()
+            ops = TrtOps(self.config.dtype, commit=True)
+            weights = self._weights()
+            hidden, new_state = towers.forward_layers(ops, self.cfg, weights, inputs["input_ids"], self._state(inputs),
                                                       causal=True, commit=True)
-            last = F.gather_last_token_logits(hidden, F.shape(hidden, 1), False)
-            ops.logits(last, self.weights["lm_head"]).mark_output("last_logits", "float32")
+            ops.logits(last_position(hidden), weights["lm_head"]).mark_output("last_logits", "float32")
             for i in new_state.keys:
-                k_written, v_written = ops.written_caches[f"past_key_{i}"]
-                k_written.mark_output(f"present_key_{i}")
-                v_written.mark_output(f"present_value_{i}")
+                k_new, v_new = ops.new_kv[f"past_key_{i}"]
+                k_new.mark_output(f"new_key_{i}", self.config.dtype)
+                v_new.mark_output(f"new_value_{i}", self.config.dtype)
             for i in new_state.conv:
-                new_state.conv[i].mark_output(f"present_conv_state_{i}")
+                new_state.conv[i].mark_output(f"present_conv_state_{i}", self.config.dtype)
                 new_state.ssm[i].mark_output(f"present_ssm_state_{i}", "float32")
 
     class TwoTowerDenoiser(_TwoTowerModel):
         tower = DENOISER
 
         def forward(self, inputs):
-            ops = TrtOps(self.config.dtype)
-            logits = towers.denoise(ops, self.cfg, self.weights, self._state(inputs), inputs["input_ids"],
-                                    inputs["timestep"])
+            self._check_plugin_config()
+            ops = TrtOps(self.config.dtype, commit=False)
+            logits = towers.denoise(ops, self.cfg, self._weights(), self._state(inputs), inputs["input_ids"],
+                                    inputs["timestep"])  # [B, T, V] fp32
             logits.mark_output("logits", "float32")
             masked = logits + F.constant(_mask_row(self.cfg))  # the mask token can never be predicted
-            probs = F.softmax(masked, dim=2)
-            confidence, pred = F.topk(probs, 1, dim=2)
-            F.cast(pred, "int32").mark_output("pred_ids", "int32")
-            confidence.mark_output("confidence", "float32")
-
-    def _state_names(cfg):
-        from ..engine_io import state_names
-
-        return state_names(cfg)
+            confidence, pred = F.topk(F.softmax(masked, dim=2), 1, dim=2, prefer_plugin=False)  # [B, T, 1]
+            rows = F.concat([F.shape(logits, 0), F.shape(logits, 1)])
+            pred.view(rows).mark_output("pred_ids", "int32")
+            confidence.view(rows).mark_output("confidence", "float32")
 
     def _mask_row(cfg):
         row = _np().zeros((1, 1, cfg.vocab_size), dtype="float32")

@@ -1,7 +1,8 @@
 """Add the project's IPluginV3 layers to a TensorRT-LLM network (NOT EXECUTED here: needs
 TensorRT-LLM 1.2). Same arguments as the torch references; the plugin library must be loaded first
-(``kernels.load_trt_plugins``). Mirrors tensorrt_llm.functional's V3 pattern: registry creator ->
-``create_plugin(..., TensorRTPhase.BUILD)`` -> ``add_plugin_v3`` -> ``_create_tensor``.
+(``kernels.load_trt_plugins``). Follows TensorRT-LLM's own V3 pattern (functional.py ``dora_plugin``):
+registry creator -> ``create_plugin(..., TensorRTPhase.BUILD)`` -> ``add_plugin_v3`` -> ``_create_tensor``.
+Every input is a network Tensor (weights as ``Parameter.value``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ def _add_plugin(name: str, fields: dict[str, int], inputs: list, layer_name: str
         import numpy as np
         import tensorrt as trt
         from tensorrt_llm._common import default_trtnet
-        from tensorrt_llm.functional import _create_tensor
+        from tensorrt_llm.functional import _add_plugin_info, _create_tensor
     except ImportError as err:
         raise ImportError("TensorRT-LLM 1.2 is needed to add TwoTower plugin layers: pip install "
                           "'trtllm-twotower[trt]'") from err
@@ -28,20 +29,18 @@ def _add_plugin(name: str, fields: dict[str, int], inputs: list, layer_name: str
     if plugin is None:
         raise ValueError(f"{name}: the plugin rejected its fields {fields}")
     layer = default_trtnet().add_plugin_v3([t.trt_tensor for t in inputs], [], plugin)
-    layer.name = layer_name
+    _add_plugin_info(layer, creator, layer_name, collection)  # as dora_plugin does (graph-rewriting records)
     return [_create_tensor(layer.get_output(i), layer) for i in range(layer.num_outputs)]
 
 
-def block_attention_plugin(q, k, v, k_cache, v_cache, cache_lens, causal: bool, write_cache: bool):
-    """q [B, L, H, P], k/v [B, L, K, P], caches [B, S, K, P], cache_lens [B] int32 ->
-    (out [B, L, H, P], k_cache, v_cache): with write_cache the caches are the plugin's aliased outputs
-    (written in place), else None."""
+def block_attention_plugin(q, k, v, k_cache, v_cache, cache_lens, causal: bool):
+    """q [B, L, H, P], k/v [B, L, K, P], caches [B, S, K, P] (read only), cache_lens [B] int32 ->
+    out [B, L, H, P]."""
     H, K, P = q.shape[2], k.shape[2], q.shape[3]
-    outputs = _add_plugin("TwoTowerBlockAttention",
-                          {"num_heads": H, "num_kv_heads": K, "head_dim": P, "causal": int(causal),
-                           "write_cache": int(write_cache)},
-                          [q, k, v, k_cache, v_cache, cache_lens], f"block_attention_{id(q)}")
-    return (outputs[0], outputs[1], outputs[2]) if write_cache else (outputs[0], None, None)
+    (out,) = _add_plugin("TwoTowerBlockAttention", {"num_heads": H, "num_kv_heads": K, "head_dim": P,
+                                                    "causal": int(causal)},
+                         [q, k, v, k_cache, v_cache, cache_lens], "twotower_block_attention")
+    return out
 
 
 def seeded_mamba_scan_plugin(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
@@ -50,5 +49,11 @@ def seeded_mamba_scan_plugin(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D,
     outputs = _add_plugin("TwoTowerSeededMambaScan",
                           {"n_groups": n_groups, "head_dim": head_dim, "write_state": int(write_state)},
                           [xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state],
-                          f"seeded_mamba_scan_{id(xbc)}")
+                          "twotower_seeded_mamba_scan")
     return (outputs[0], outputs[1], outputs[2]) if write_state else (outputs[0], None, None)
+
+
+def moe_experts_plugin(x, expert_ids, expert_weights, up, down):
+    """x [n, D], expert_ids [n, k] int32, expert_weights [n, k] fp32, up [E, I, D], down [E, D, I] -> [n, D]."""
+    (out,) = _add_plugin("TwoTowerMoeExperts", {}, [x, expert_ids, expert_weights, up, down], "twotower_moe_experts")
+    return out

@@ -7,48 +7,34 @@ the names of ``engine_io``; K/V buffers are written in place by the context engi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from ..checkpoint import CONTEXT, DENOISER
-from ..engine_io import state_names
+from ..engine_io import check_manifest, state_names
 from ..network import towers
-from .executor import StateMirror
-
-
-class EngineMismatchError(ValueError):
-    """Engines built for another config, another plugin library or each other's mismatch."""
-
-
-def check_manifest(engine_dir: Path, cfg) -> dict:
-    """Refuse engines built for another model config (the tower pair shares one manifest)."""
-    from ..network.trt import config_hash
-
-    path = Path(engine_dir) / "manifest.json"
-    if not path.is_file():
-        raise EngineMismatchError(f"{engine_dir}: no manifest.json (build with build_engine.py)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("config_sha256") != config_hash(cfg.to_dict()):
-        raise EngineMismatchError(f"{engine_dir}: engines were built for another config.json than the checkpoint's")
-    missing = [t for t in (CONTEXT, DENOISER) if t not in manifest.get("engines", {})]
-    if missing:
-        raise EngineMismatchError(f"{engine_dir}: manifest lists no engine for {', '.join(missing)}")
-    return manifest
+from .executor import StateMirror, check_capacity
 
 
 class TrtExecutor:
+    """The two engines behind the executor interface. The context engine has a prefill profile (0)
+    and a step profile (1, up to one block); a second execution context runs the steps."""
+
     modes = ("diffusion", "ar")  # mock-AR needs an untimed denoiser, speculative per-position states
 
     def __init__(self, cfg, sessions: dict, manifest: dict, context_device, denoiser_device):
         self.cfg = cfg
         self.sessions = sessions
         self.capacity = manifest["limits"]["max_seq_len"]
+        self.block_size = manifest["limits"]["block_size"]
         self.dtype = torch.bfloat16
         self.context_device = context_device
         self.denoiser_device = denoiser_device
         self._mirror = StateMirror(denoiser_device) if denoiser_device != context_device else None
+        with torch.cuda.device(context_device):  # profile 1 of the context engine: steps and blocks
+            self._step_context = sessions[CONTEXT].engine.create_execution_context()
+            self._step_context.set_optimization_profile_async(1, torch.cuda.current_stream(context_device).cuda_stream)
 
     @classmethod
     def from_engine_dir(cls, engine_dir, cfg, context_device, denoiser_device) -> "TrtExecutor":
@@ -67,22 +53,19 @@ class TrtExecutor:
                     (Path(engine_dir) / manifest["engines"][tower] / "rank0.engine").read_bytes())
         return cls(cfg, sessions, manifest, context_device, denoiser_device)
 
-    def _run(self, tower: str, device, feeds: dict) -> dict:
+    def _run(self, tower: str, device, feeds: dict, context=None) -> dict:
         from tensorrt_llm._utils import trt_dtype_to_torch
         from tensorrt_llm.runtime.session import TensorInfo
 
         session = self.sessions[tower]
-        infos = session.infer_shapes([TensorInfo(n, session.engine.get_tensor_dtype(n), tuple(t.shape))
-                                      for n, t in feeds.items()])
-        outputs = {}
-        for info in infos:
-            if info.name.startswith(("present_key_", "present_value_")):
-                outputs[info.name] = feeds[info.name.replace("present_", "past_")]  # written in place
-            else:
-                outputs[info.name] = torch.empty(tuple(info.shape), dtype=trt_dtype_to_torch(info.dtype), device=device)
-        stream = torch.cuda.current_stream(device).cuda_stream
-        if not session.run(inputs=feeds, outputs=outputs, stream=stream):
-            raise RuntimeError(f"{tower} engine failed to run")
+        with torch.cuda.device(device):  # Session.run does not select the engine's device itself
+            infos = session.infer_shapes([TensorInfo(n, session.engine.get_tensor_dtype(n), tuple(t.shape))
+                                          for n, t in feeds.items()], context)
+            outputs = {i.name: torch.empty(tuple(i.shape), dtype=trt_dtype_to_torch(i.dtype), device=device)
+                       for i in infos}
+            stream = torch.cuda.current_stream(device).cuda_stream
+            if not session.run(inputs=feeds, outputs=outputs, stream=stream, context=context):
+                raise RuntimeError(f"{tower} engine failed to run")
         return outputs
 
     def _feeds(self, state: towers.TowerState, ids: torch.Tensor, device) -> dict:
@@ -104,13 +87,27 @@ class TrtExecutor:
             last.append(logits[:, -1])
         return (rows[0] if len(rows) == 1 else towers.concat_states(rows, self.capacity)), torch.cat(last)
 
-    def extend(self, state, tokens: torch.Tensor, logits: bool):
-        out = self._run(CONTEXT, self.context_device, self._feeds(state, tokens, self.context_device))
+    def extend(self, state, tokens: torch.Tensor, logits: bool, trace: bool = False):
+        """The context engine over tokens [B, L]; its new K/V are appended to the state's buffers here."""
+        if trace:
+            raise NotImplementedError("speculative mode needs per-position states: use the torch backend")
+        check_capacity(state, tokens.shape[1])
+        step = self._step_context if tokens.shape[1] <= self.block_size else None
+        out = self._run(CONTEXT, self.context_device, self._feeds(state, tokens, self.context_device), step)
+        B, L = tokens.shape
+        rows = torch.arange(B, device=self.context_device)[:, None]
+        slots = state.lengths.to(self.context_device)[:, None] + torch.arange(L, device=self.context_device)  # [B, L]
+        for i in state.keys:
+            state.keys[i][rows, slots] = out[f"new_key_{i}"]
+            state.values[i][rows, slots] = out[f"new_value_{i}"]
         new_state = towers.TowerState(
-            lengths=state.lengths + tokens.shape[1], keys=state.keys, values=state.values,
+            lengths=state.lengths + L, keys=state.keys, values=state.values,
             conv={i: out[f"present_conv_state_{i}"] for i in state.conv},
             ssm={i: out[f"present_ssm_state_{i}"] for i in state.ssm})
         return (out["last_logits"][:, None] if logits else None), new_state
+
+    def rollback(self, state, keep):
+        raise NotImplementedError("speculative mode needs per-position states: use the torch backend")
 
     def denoise(self, state, block: torch.Tensor, t):
         if t is None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint import CONTEXT, DENOISER, TWOTOWER, assemble_tower_weights
+from ..checkpoint import DENOISER, TWOTOWER, assemble_tower_weights
 from ..config import MAMBA, MOE, TwoTowerConfig
 from ..demo import init_tensor
 from ..network import towers

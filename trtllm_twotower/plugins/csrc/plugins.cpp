@@ -1,16 +1,24 @@
-// IPluginV3 wrappers of the two kernels, namespace "twotower", version "1":
-//   TwoTowerBlockAttention   fields num_heads, num_kv_heads, head_dim, causal, write_cache
+// IPluginV3 wrappers of the kernels, namespace "twotower", version "1":
+//   TwoTowerBlockAttention   fields num_heads, num_kv_heads, head_dim, causal
 //     inputs  q [B,L,H,P], k [B,L,K,P], v [B,L,K,P], k_cache [B,S,K,P], v_cache [B,S,K,P], cache_lens [B] int32
-//     outputs out [B,L,H,P]; with write_cache also k_cache, v_cache (aliased to inputs 3 and 4: in place)
+//     output  out [B,L,H,P]. Read-only: the block's new K/V are ordinary engine outputs (the k/v
+//     projections) that the runtime writes into its cache (no aliased plugin I/O, which needs a
+//     TensorRT preview feature TensorRT-LLM's builder never enables).
 //   TwoTowerSeededMambaScan  fields n_groups, head_dim, write_state
 //     inputs  xbc [B,L,C], dt [B,L,H], conv_weight [C,W], conv_bias [C], dt_bias [H] f32, A_log [H] f32,
 //             D [H] f32, conv_state [B,C,W], ssm_state [B,H,P,N] f32
 //     outputs y [B,L,H*P]; with write_state also conv_state [B,C,W] and ssm_state [B,H,P,N] f32
-// T (the activation dtype) is fp32 or bf16. Registered by REGISTER_TENSORRT_PLUGIN when the library is
-// loaded, and exported through getCreators for IPluginRegistry::loadLibrary / trtexec --dynamicPlugins.
+//   TwoTowerMoeExperts       no fields
+//     inputs  x [B,L,D], expert_ids [B*L,k] int32, expert_weights [B*L,k] f32, up [E,I,D], down [E,D,I]
+//     output  out [B,L,D]
+// T (the activation dtype) is fp32 or bf16. The creators register themselves under the namespace
+// "twotower" when the library is loaded (dlopen / ctypes.CDLL / polygraphy --plugins / trtexec
+// --staticPlugins); the library exports no getCreators, so IPluginRegistry::loadLibrary and trtexec
+// --dynamicPlugins are not supported (they would register the creators a second time).
 #include <NvInferRuntime.h>
 
 #include <cstring>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -86,27 +94,31 @@ public:
     IPluginV3* attachToContext(IPluginResourceContext*) noexcept override { return clone(); }
 };
 
-// ---- block attention ---------------------------------------------------------------------------
-class BlockAttentionPlugin : public PluginBase<BlockAttentionPlugin> {
+// A plugin with NB_INPUTS inputs and one output of the first input's shape and dtype.
+template <typename Derived, int32_t NB_INPUTS>
+class LikeFirstInput : public PluginBase<Derived> {
 public:
-    BlockAttentionPlugin(int32_t H, int32_t K, int32_t P, int32_t causal, int32_t write_cache)
-        : mH(H), mK(K), mP(P), mCausal(causal), mWrite(write_cache),
-          mFields({"num_heads", "num_kv_heads", "head_dim", "causal", "write_cache"}, {H, K, P, causal, write_cache}) {}
-
-    char const* getPluginName() const noexcept override { return "TwoTowerBlockAttention"; }
-    int32_t getNbOutputs() const noexcept override { return mWrite ? 3 : 1; }
-
+    int32_t getNbOutputs() const noexcept override { return 1; }
     int32_t getOutputDataTypes(DataType* out, int32_t nbOutputs, DataType const* in, int32_t nbInputs) const noexcept override {
-        if (nbInputs != 6 || nbOutputs != getNbOutputs()) return -1;
-        for (int32_t i = 0; i < nbOutputs; ++i) out[i] = i == 0 ? in[0] : in[2 + i];
+        if (nbInputs != NB_INPUTS || nbOutputs != 1) return -1;
+        out[0] = in[0];
         return 0;
     }
     int32_t getOutputShapes(DimsExprs const* in, int32_t nbInputs, DimsExprs const*, int32_t, DimsExprs* out,
                             int32_t nbOutputs, IExprBuilder&) noexcept override {
-        if (nbInputs != 6 || nbOutputs != getNbOutputs()) return -1;
-        for (int32_t i = 0; i < nbOutputs; ++i) out[i] = i == 0 ? in[0] : in[2 + i];  // out = q; caches unchanged
+        if (nbInputs != NB_INPUTS || nbOutputs != 1) return -1;
+        out[0] = in[0];
         return 0;
     }
+};
+
+// ---- block attention ---------------------------------------------------------------------------
+class BlockAttentionPlugin : public LikeFirstInput<BlockAttentionPlugin, 6> {  // out = q's shape
+public:
+    BlockAttentionPlugin(int32_t H, int32_t K, int32_t P, int32_t causal)
+        : mH(H), mK(K), mP(P), mCausal(causal), mFields({"num_heads", "num_kv_heads", "head_dim", "causal"}, {H, K, P, causal}) {}
+
+    char const* getPluginName() const noexcept override { return "TwoTowerBlockAttention"; }
     bool supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* io, int32_t, int32_t) noexcept override {
         TensorFormat format = io[pos].desc.format;
         DataType type = io[pos].desc.type;
@@ -120,9 +132,6 @@ public:
         const int B = static_cast<int>(in[0].max.d[0]), L = static_cast<int>(in[0].max.d[1]);
         return workspace_floats(B, L) * sizeof(float);
     }
-    int32_t getAliasedInput(int32_t outputIndex) noexcept override {
-        return mWrite && (outputIndex == 1 || outputIndex == 2) ? 2 + outputIndex : -1;  // k_cache, v_cache
-    }
     int32_t enqueue(PluginTensorDesc const* in, PluginTensorDesc const*, void const* const* inputs,
                     void* const* outputs, void* workspace, cudaStream_t stream) noexcept override {
         const int B = static_cast<int>(in[0].dims.d[0]), L = static_cast<int>(in[0].dims.d[1]);
@@ -130,15 +139,14 @@ public:
         int device = 0, sms = 1;
         cudaGetDevice(&device);
         cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-        // lengths live on the device: S - L bounds them; splits capped by the reserved workspace
+        // lengths live on the device: S - L bounds them (the runtime keeps room for the block it
+        // appends); splits capped by the reserved workspace
         int splits = twotower_block_attention_num_splits(B, L, mH, mK, S - L, sms);
         while (splits > 1 && twotower_block_attention_workspace_floats(B, L, mH, mP, splits) > workspace_floats(B, L)) --splits;
-        void* k_cache = mWrite ? outputs[1] : const_cast<void*>(inputs[3]);
-        void* v_cache = mWrite ? outputs[2] : const_cast<void*>(inputs[4]);
-        return twotower_block_attention(inputs[0], inputs[1], inputs[2], k_cache, v_cache,
-                                        static_cast<int32_t const*>(inputs[5]), outputs[0], static_cast<float*>(workspace),
-                                        B, L, mH, mK, mP, S, S - L, splits, dtype_code(in[0].type), mCausal, mWrite,
-                                        stream);
+        return twotower_block_attention(inputs[0], inputs[1], inputs[2], const_cast<void*>(inputs[3]),
+                                        const_cast<void*>(inputs[4]), static_cast<int32_t const*>(inputs[5]), outputs[0],
+                                        static_cast<float*>(workspace), B, L, mH, mK, mP, S, S - L, splits,
+                                        dtype_code(in[0].type), mCausal, /*write_cache=*/0, stream);
     }
     PluginFieldCollection const* getFieldsToSerialize() noexcept override { return mFields.collection(); }
 
@@ -149,7 +157,7 @@ private:
         const size_t blocks = twotower_block_attention_workspace_floats(B, L < 16 ? L : 16, mH, mP, kMaxSplits);
         return one > blocks ? one : blocks;
     }
-    int32_t mH, mK, mP, mCausal, mWrite;
+    int32_t mH, mK, mP, mCausal;
     Fields mFields;
 };
 
@@ -216,6 +224,42 @@ private:
     Fields mFields;
 };
 
+// ---- routed relu^2 experts ------------------------------------------------------------------------
+class MoeExpertsPlugin : public LikeFirstInput<MoeExpertsPlugin, 5> {  // out = x's shape
+public:
+    MoeExpertsPlugin() : mFields({}, {}) {}
+
+    char const* getPluginName() const noexcept override { return "TwoTowerMoeExperts"; }
+    bool supportsFormatCombination(int32_t pos, DynamicPluginTensorDesc const* io, int32_t, int32_t) noexcept override {
+        DataType type = io[pos].desc.type;
+        if (io[pos].desc.format != TensorFormat::kLINEAR) return false;
+        if (pos == 1) return type == DataType::kINT32;  // expert_ids
+        if (pos == 2) return type == DataType::kFLOAT;  // expert_weights
+        if (pos == 0) return type == DataType::kFLOAT || type == DataType::kBF16;
+        return type == io[0].desc.type;  // up, down, out
+    }
+    size_t getWorkspaceSize(DynamicPluginTensorDesc const* in, int32_t, DynamicPluginTensorDesc const*,
+                            int32_t) const noexcept override {
+        const int n = static_cast<int>(in[1].max.d[0]), k = static_cast<int>(in[1].max.d[1]);
+        const int E = static_cast<int>(in[3].max.d[0]), I = static_cast<int>(in[3].max.d[1]);
+        const int D = static_cast<int>(in[3].max.d[2]);
+        return twotower_moe_experts_workspace_bytes(n, k, E, D, I, dtype_code(in[0].desc.type));
+    }
+    int32_t enqueue(PluginTensorDesc const* in, PluginTensorDesc const*, void const* const* inputs,
+                    void* const* outputs, void* workspace, cudaStream_t stream) noexcept override {
+        const int n = static_cast<int>(in[1].dims.d[0]), k = static_cast<int>(in[1].dims.d[1]);
+        const int E = static_cast<int>(in[3].dims.d[0]), I = static_cast<int>(in[3].dims.d[1]);
+        const int D = static_cast<int>(in[3].dims.d[2]);
+        return twotower_moe_experts(inputs[0], static_cast<int32_t const*>(inputs[1]), static_cast<float const*>(inputs[2]),
+                                    inputs[3], inputs[4], outputs[0], workspace, n, k, E, D, I, dtype_code(in[0].type),
+                                    stream);
+    }
+    PluginFieldCollection const* getFieldsToSerialize() noexcept override { return mFields.collection(); }
+
+private:
+    Fields mFields;
+};
+
 // ---- creators ----------------------------------------------------------------------------------
 template <typename Plugin>
 class Creator : public IPluginCreatorV3One {
@@ -246,7 +290,12 @@ private:
 template <>
 IPluginV3* Creator<BlockAttentionPlugin>::make(std::vector<int32_t> const& v) {
     const bool ok = v[0] > 0 && v[1] > 0 && v[0] % v[1] == 0 && (v[2] == 16 || v[2] == 32 || v[2] == 64 || v[2] == 128);
-    return ok ? new BlockAttentionPlugin(v[0], v[1], v[2], v[3] != 0, v[4] != 0) : nullptr;
+    return ok ? new BlockAttentionPlugin(v[0], v[1], v[2], v[3] != 0) : nullptr;
+}
+
+template <>
+IPluginV3* Creator<MoeExpertsPlugin>::make(std::vector<int32_t> const&) {
+    return new MoeExpertsPlugin();
 }
 
 template <>
@@ -256,8 +305,7 @@ IPluginV3* Creator<SeededMambaScanPlugin>::make(std::vector<int32_t> const& v) {
 
 class BlockAttentionCreator : public Creator<BlockAttentionPlugin> {
 public:
-    BlockAttentionCreator()
-        : Creator("TwoTowerBlockAttention", {"num_heads", "num_kv_heads", "head_dim", "causal", "write_cache"}) {}
+    BlockAttentionCreator() : Creator("TwoTowerBlockAttention", {"num_heads", "num_kv_heads", "head_dim", "causal"}) {}
 };
 
 class SeededMambaScanCreator : public Creator<SeededMambaScanPlugin> {
@@ -265,19 +313,28 @@ public:
     SeededMambaScanCreator() : Creator("TwoTowerSeededMambaScan", {"n_groups", "head_dim", "write_state"}) {}
 };
 
+class MoeExpertsCreator : public Creator<MoeExpertsPlugin> {
+public:
+    MoeExpertsCreator() : Creator("TwoTowerMoeExperts", {}) {}
+};
+
+// Registers every creator under kNamespace, once, when the library is loaded (what
+// REGISTER_TENSORRT_PLUGIN does, but with the namespace the plugins report instead of "").
+bool register_creators() {
+    static BlockAttentionCreator attention;
+    static SeededMambaScanCreator scan;
+    static MoeExpertsCreator experts;
+    IPluginRegistry* registry = getPluginRegistry();
+    bool ok = registry != nullptr;
+    for (IPluginCreatorInterface* creator : std::initializer_list<IPluginCreatorInterface*>{&attention, &scan, &experts})
+        ok = ok && registry->registerCreator(*creator, kNamespace);
+    return ok;
+}
+
+const bool kRegistered = register_creators();
+
 }  // namespace
-
-REGISTER_TENSORRT_PLUGIN(BlockAttentionCreator);
-REGISTER_TENSORRT_PLUGIN(SeededMambaScanCreator);
-
 }  // namespace twotower
 
-extern "C" void setLoggerFinder(nvinfer1::ILoggerFinder*) {}
-
-extern "C" nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
-    static twotower::BlockAttentionCreator attention;
-    static twotower::SeededMambaScanCreator scan;
-    static nvinfer1::IPluginCreatorInterface* const creators[] = {&attention, &scan};
-    nbCreators = 2;
-    return creators;
-}
+// For callers that load the library and want to know that its creators are in the registry.
+extern "C" int twotower_plugins_registered() { return twotower::kRegistered ? 1 : 0; }
