@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The two custom kernels against their byte floors, torch SDPA and the torch references (GPU).
+"""The custom kernels against their byte floors, torch SDPA and the torch forms (GPU).
 
   block attention: 16 queries, batch 1, real heads (32/2 x 128), context 8k..128k; achieved bytes/s
                    (K/V read once + q/out) vs measured copy bandwidth (goal >= 80 %) and vs SDPA with
@@ -7,6 +7,8 @@
   seeded scan:     a 16-token block and a 4k-token prefill at the real sizes (64 heads x 64 x 128
                    state); bytes (inputs, y, conv and fp32 states) over copy bandwidth (goal >= 70 %)
                    and the torch reference / chunked form
+  routed experts:  16 and 96 tokens x 6 of 128 experts at the real widths; bytes of the distinct
+                   experts routed over copy bandwidth, against TorchOps' grouped GEMMs (torch._grouped_mm)
 
     python bench/bench_kernels.py --out bench/results/kernels-<device>.json
 """
@@ -79,6 +81,29 @@ def bench_scan(device, bandwidth, args) -> list[dict]:
     return rows
 
 
+def bench_experts(device, bandwidth, args) -> list[dict]:
+    from trtllm_twotower.network.ops import TorchOps
+
+    E, k, D, I = 128, 6, 2688, 1856
+    up = torch.randn(E, I, D, device=device, dtype=torch.bfloat16) / D ** 0.5
+    down = torch.randn(E, D, I, device=device, dtype=torch.bfloat16) / I ** 0.5
+    ops = TorchOps(torch.bfloat16, device)
+    rows = []
+    for n in (16, 96):
+        x = torch.randn(n, D, device=device, dtype=torch.bfloat16)
+        idx = torch.stack([torch.randperm(E, device=device)[:k] for _ in range(n)])
+        w = torch.rand(n, k, device=device)
+        ms = median_ms(lambda: kernels.moe_experts(x, idx, w, up, down), device, args.warmup, args.repeat)
+        grouped_ms = median_ms(lambda: ops.moe_experts(x, idx, w, up, down), device, args.warmup, args.repeat)
+        distinct = int(torch.unique(idx).numel())
+        nbytes = distinct * 2 * D * I * 2
+        rows.append({"tokens": n, "distinct_experts": distinct, "ms": ms, "grouped_gemm_ms": grouped_ms,
+                     "floor_ms": nbytes / bandwidth * 1e3, "fraction_of_floor": nbytes / bandwidth * 1e3 / ms})
+        print(f"experts n={n:3d} ({distinct} experts)  {ms:8.3f} ms  grouped GEMM {grouped_ms:8.3f} ms  "
+              f"floor {rows[-1]['floor_ms']:7.3f} ms", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -96,7 +121,8 @@ def main(argv=None) -> int:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "commit": git_commit(), "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth,
               "block_attention": bench_attention(device, args.contexts, bandwidth, args),
-              "seeded_scan": bench_scan(device, bandwidth, args)}
+              "seeded_scan": bench_scan(device, bandwidth, args),
+              "moe_experts": bench_experts(device, bandwidth, args)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     return 0

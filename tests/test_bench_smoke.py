@@ -33,3 +33,21 @@ def test_bench_kernels_refuses_without_a_gpu_or_library():
                          capture_output=True, text=True, cwd=ROOT)
     assert run.returncode == 2 and "needs a CUDA GPU" in run.stderr
     assert not (ROOT / "unused.json").exists()
+
+
+def test_knob_report_smoke(tmp_path):
+    """The knob report of the trained demo model runs end to end (one threshold, one step budget)."""
+    from trtllm_twotower.demo import TRAINED_DEMO_DIR
+
+    if not (TRAINED_DEMO_DIR / "model.safetensors.index.json").is_file():
+        import pytest
+
+        pytest.skip("the trained demo model is not in this checkout")
+    out = tmp_path / "knobs.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "knob_report.py"), "--quick", "--no-plot", "--prompts", "2",
+                    "--out", str(out)], check=True, capture_output=True, text=True, cwd=ROOT)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == ["ar", "mock-ar", "diffusion", "speculative"]
+    assert rows[0]["ar_agreement"] == 1.0 and rows[-1]["ar_agreement"] == 1.0  # speculative is exactly AR
+    assert 1.0 <= rows[2]["tokens_per_step"] <= 16 and 0 < rows[2]["known_word_rate"] <= 1
+

@@ -135,8 +135,8 @@ class Lane:
         self._after_admit(list(range(first, len(self.rows))))
 
     def _prefill(self, rows: list[Row], capacity: int) -> dict:
-        state, _ = self.executor.prefill([r.prompt for r in rows], capacity)
-        return {"state": state}
+        """The new rows' values of every batched field (missing ones: zeros / None)."""
+        raise NotImplementedError
 
     def _after_admit(self, new: list[int]) -> None:
         """Hook for what admission decides about the new rows at indices ``new``."""

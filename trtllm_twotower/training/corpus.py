@@ -109,7 +109,8 @@ class TokenStream:
             ids = table[torch.frombuffer(bytearray(doc.encode("utf-8")), dtype=torch.uint8).long()]
             parts[is_held_out(doc)] += [ids, torch.tensor([eos_id])]
         digest = hashlib.sha256(DOC_SEPARATOR.join(docs).encode("utf-8")).hexdigest()
-        return cls(torch.cat(parts[False]), torch.cat(parts[True]), digest, len(docs))
+        joined = {k: torch.cat(v) if v else torch.empty(0, dtype=torch.long) for k, v in parts.items()}
+        return cls(joined[False], joined[True], digest, len(docs))
 
     def batch(self, split: str, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
         """``batch`` random crops of ``length`` tokens (any offset: blocks need not start at documents)."""
