@@ -60,7 +60,12 @@ def main(argv=None) -> int:
             args.checkpoint, backend="trt" if args.engine_dir else "torch", dtype=args.dtype,
             context_device=args.context_device, denoiser_device=args.denoiser_device, engine_dir=args.engine_dir)
 
+        echo = [len(prompts) == 1 and isinstance(prompts[0], str)]  # one text prompt: print it, then its continuation
+
         def on_block(event) -> None:
+            if echo[0] and event.text is not None:
+                print(prompts[0], end="")
+                echo[0] = False
             prefix = f"[{event.row}] " if len(prompts) > 1 else ""
             piece = event.text if event.text is not None else " ".join(map(str, event.token_ids)) + " "
             print(f"{prefix}{piece}", end="" if len(prompts) == 1 else "\n", flush=True)

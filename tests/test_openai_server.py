@@ -145,8 +145,9 @@ def test_bad_requests_get_openai_errors(client, kwargs, message):
 
 # ---- in-flight batching under load ------------------------------------------------------------------------
 
-def stream_with_timing(url: str, body: dict, out: dict, key) -> None:
-    """POST a streaming completion; record (seconds to the first block, all block times, text)."""
+def stream_with_timing(url: str, body: dict, out: dict, key, first_block: threading.Event | None = None) -> None:
+    """POST a streaming completion; record (seconds to the first block, all block times, text);
+    ``first_block`` is set when the first block arrives."""
     request = urllib.request.Request(url + "/v1/completions", json.dumps({**body, "stream": True}).encode(),
                                      {"Content-Type": "application/json"})
     start = time.perf_counter()
@@ -159,6 +160,8 @@ def stream_with_timing(url: str, body: dict, out: dict, key) -> None:
             if chunk["choices"] and chunk["choices"][0]["token_ids"]:
                 times.append(time.perf_counter() - start)
                 text.append(chunk["choices"][0]["text"])
+                if first_block is not None:
+                    first_block.set()
     out[key] = (times[0], times, "".join(text))
 
 
@@ -179,12 +182,15 @@ def test_64_requests_sent_together_start_together(server, runtime):
 
 def test_a_short_request_joins_a_busy_batch_within_a_few_blocks(server, runtime):
     results: dict = {}
+    streaming = [threading.Event() for _ in range(8)]
     long_threads = [threading.Thread(target=stream_with_timing, args=(
-        server, {"prompt": f"long {i}", "max_tokens": 400, "seed": i, **KNOBS}, results, ("long", i)))
+        server, {"prompt": f"long {i}", "max_tokens": 400, "seed": i, **KNOBS}, results, ("long", i), streaming[i]))
         for i in range(8)]
     for t in long_threads:
         t.start()
-    time.sleep(2.0)  # the long ones are admitted and streaming (400 tokens take dozens of blocks)
+    for event in streaming:  # every long request is in the batch and streaming (400 tokens: dozens of blocks)
+        assert event.wait(timeout=300)
+    assert not results  # ... and none has finished
     stream_with_timing(server, {"prompt": "short", "max_tokens": 8, **KNOBS}, results, "short")
     for t in long_threads:
         t.join(timeout=600)

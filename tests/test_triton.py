@@ -157,6 +157,23 @@ def test_disconnect_mid_stream_does_not_disturb_others(server, runtime):
     assert status == 200
 
 
+def test_non_utf8_text_input_is_refused(server):
+    """gRPC carries raw bytes (JSON cannot): invalid UTF-8 is refused with the byte offset, not replaced."""
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    tensor = grpcclient.InferInput("text_input", [1, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[b"caf\xe9 \xff"]], dtype=np.object_))
+    client.async_stream_infer(MODEL, [tensor])
+    result, error = responses.get(timeout=120)
+    client.stop_stream()
+    client.close()
+    assert result is None and error is not None
+    assert "text_input: not valid UTF-8 (invalid continuation byte at byte 3" in str(error), error
+    status, text = post(server, "generate", {"text_input": "still here", "max_tokens": 8})
+    assert status == 200 and "text_output" in json.loads(text)
+
+
 @pytest.mark.parametrize("body, message", [
     ({"max_tokens": 8}, "text_input"),
     ({"text_input": "x", "max_tokens": -4}, "max_tokens: must be in [1, 2^63-1], got -4"),
