@@ -349,11 +349,16 @@ def training_markdown(r: dict) -> str:
         f"(batch {r['settings']['batch']} × {r['settings']['seq_len']} bytes)",
         f"- time: context {r['seconds'][CONTEXT] / 60:.1f} min, denoiser {r['seconds'][DENOISER] / 60:.1f} min on "
         f"{r['device']}, {r['threads']} thread(s), torch {r['torch']}",
-        f"- held-out: context tower {ctx_eval if ctx_eval is None else round(ctx_eval, 3)} bits/byte; denoiser masked "
-        f"cross-entropy {den_eval.get('masked_nats')} nats (by t quartile: {den_eval.get('masked_nats_by_t')})",
+        f"- held-out: context tower {_rounded(ctx_eval)} bits/byte; denoiser masked "
+        f"cross-entropy {_rounded(den_eval.get('masked_nats'))} nats (by t quartile: "
+        f"{den_eval.get('masked_nats_by_t')})",
         f"- commit: {r['commit']}; exported {r['exported']}",
         "",
     ])
+
+
+def _rounded(value):
+    return value if value is None else round(value, 3)
 
 
 def parse_args(argv=None):
