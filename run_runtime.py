@@ -53,7 +53,7 @@ def main(argv=None) -> int:
             print(f"error: --prompt-ids: expected comma-separated integers, got {args.prompt_ids!r}", file=sys.stderr)
             return 2
     else:
-        prompts = args.prompt or ["The two towers of the model"]
+        prompts = args.prompt or ["Return a new list of"]
     stream = args.stream or not (args.json or args.no_stream)
     try:
         runtime = TwoTowerRuntime.from_checkpoint(

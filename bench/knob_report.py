@@ -37,7 +37,7 @@ from trtllm_twotower.training import corpus as corpus_lib  # noqa: E402
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95)
 STEP_BUDGETS = (16, 8, 4)
-SPECULATIVE = ((0.5, 4), (0.8, 8), (0.9, 16))
+SPECULATIVE = ((0.5, 1), (0.5, 2), (0.5, 4), (0.8, 8), (0.9, 16))
 
 
 class ExpertCounter(TorchOps):
@@ -130,8 +130,9 @@ def plot(rows: list[dict], knobs_png: Path, speculative_png: Path) -> None:
 
     picks = [r for r in rows if r["mode"] in ("ar", "mock-ar", "speculative") or
              (r["mode"] == "diffusion" and (r["confidence_threshold"], r["steps_per_block"]) in SPECULATIVE)]
+    short = {"speculative": "spec.", "diffusion": "diff."}
     labels = [r["mode"] if r["mode"] in ("ar", "mock-ar") else
-              f"{r['mode']}\n{r['confidence_threshold']}/{r['steps_per_block']}" for r in picks]
+              f"{short[r['mode']]}\n{r['confidence_threshold']}/{r['steps_per_block']}" for r in picks]
     fig, axes = plt.subplots(1, 2, figsize=(14, 4.2))
     colors = ["C2" if r["mode"] == "speculative" else "C0" if r["mode"] == "diffusion" else "C7" for r in picks]
     axes[0].bar(labels, [r["forwards_per_token"] for r in picks], color=colors)

@@ -62,7 +62,10 @@ class Target:
         return "/v2/models/twotower/generate_stream", json.dumps(body).encode()
 
     def stream(self, i: int, max_tokens: int, hang_up: bool) -> tuple[float | None, bool]:
-        """(seconds to the first block or None, ok)."""
+        """(seconds to the first block or None, ok): ok = the stream reached its end marker (OpenAI's
+        [DONE], Triton's final response with the stats), or the client hung up after its first block."""
+        end_marker = b"data: [DONE]" if self.kind == "openai" else b'"nfe":'  # Triton: the stats response
+
         path, body = self.request(i, max_tokens)
         start = time.perf_counter()
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
@@ -79,7 +82,9 @@ class Target:
                         return first, True
                 if b'"error"' in line:
                     return first, False
-            return first, first is not None
+                if end_marker in line:
+                    return first, first is not None
+            return first, False  # the stream ended without its end marker
         except (OSError, http.client.HTTPException):
             return None, False
         finally:
