@@ -439,12 +439,21 @@ class StreamingSafetensorsWriter:
         if self._index != len(self._sizes):
             raise CheckpointError(f"{self._file.name}: closed after {self._index} of {len(self._sizes)} tensors")
 
+    def __enter__(self) -> "StreamingSafetensorsWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """A clean exit checks that every tensor was written; an exception (a bad tensor, Ctrl-C,
+        SIGTERM) just closes the file and goes on, so it is not masked by the incompleteness error."""
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()
+
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """Write one safetensors file from a dict of tensors."""
-    writer = StreamingSafetensorsWriter(path, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()], metadata)
-    try:
+    with StreamingSafetensorsWriter(path, [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()],
+                                    metadata) as writer:
         for t in tensors.values():
             writer.write(t)
-    finally:
-        writer.close()

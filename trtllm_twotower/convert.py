@@ -115,16 +115,13 @@ def write_tower_checkpoint(reader: CheckpointReader, on_disk: dict[str, str], cf
     """One tower's TRT-LLM checkpoint into ``directory`` (which must exist)."""
     params = trtllm_params(cfg, layout, tower, DTYPES[dtype_name])
     (directory / "config.json").write_text(json.dumps(trtllm_config(cfg, tower, dtype_name), indent=2))
-    writer = StreamingSafetensorsWriter(directory / "rank0.safetensors",
-                                        [(p.name, p.dtype, p.shape) for p in params])
-    try:
+    with StreamingSafetensorsWriter(directory / "rank0.safetensors",
+                                    [(p.name, p.dtype, p.shape) for p in params]) as writer:
         for p in params:
             for spec in p.sources:
                 writer.write(reader.read(on_disk[spec.key]).to(p.dtype))
                 if progress is not None:
                     progress.update(1)
-    finally:
-        writer.close()
 
 
 def convert_checkpoint(checkpoint_dir: str | Path, output_dir: str | Path, dtype: str = "bfloat16",
