@@ -154,7 +154,7 @@ def build(args, limits: BuildLimits) -> int:
     if tensorrt_llm is None or args.no_build:
         print(f"wrote {out}/trtllm_checkpoint, {out}/build_plan.json and {out}/manifest.json; build the engines "
               f"with {out}/trtllm_build.sh (TensorRT-LLM 1.2 and a GPU):")
-        for c in trtllm_build_commands(out, limits, list(towers)):
+        for c in commands:
             print("  " + shlex.join(c))
     return 0
 

@@ -221,7 +221,7 @@ class _Relay:
 
     def cancel_if_running(self) -> None:
         if not self.ticket.done.is_set():
-            self.ticket.cancel()  # its rows leave the batch at the next block boundary
+            self.ticket.cancel()  # its rows leave the batch before the next denoiser step
 
 
 def parse_args(argv=None):

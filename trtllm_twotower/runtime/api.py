@@ -104,6 +104,9 @@ class _TextStream:
         return delta
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_tokenizer(directory: Path):
     """The checkpoint's tokenizer, or None when it ships no tokenizer files (ids in, ids out)."""
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
@@ -114,9 +117,6 @@ def load_tokenizer(directory: Path):
         return AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError, TypeError) as err:
         raise ValueError(f"tokenizer: the files in {directory} do not load ({err})") from err
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class TwoTowerRuntime:

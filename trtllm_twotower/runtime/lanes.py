@@ -63,6 +63,16 @@ class Row:
     draft_gen: torch.Generator | None = None  # draws on the denoiser's device (diffusion, mock-AR)
     ar_gen: torch.Generator | None = None  # draws on the context device (AR, speculative verification)
 
+    def leave_cancelled(self) -> None:
+        """The row leaves because it was cancelled: its last event, with no new tokens."""
+        self.out.cancelled = self.out.finished = True
+        self.emit(self, [])
+
+    def leave_failed(self, error: BaseException) -> None:
+        """The row leaves because a forward it took part in failed."""
+        self.out.finished = True
+        self.fail(error)
+
     @property
     def tokens_needed(self) -> int:
         """Cache slots this row needs: its prompt, its output and what a unit writes past it."""
@@ -145,8 +155,7 @@ class Lane:
         cancelled = [r for r in self.rows if r.cancelled]
         if cancelled:
             for r in cancelled:
-                r.out.cancelled = r.out.finished = True
-                r.emit(r, [])
+                r.leave_cancelled()
             self._keep([i for i, r in enumerate(self.rows) if not r.cancelled])
 
     def _keep(self, keep: list[int]) -> None:
@@ -393,9 +402,7 @@ class TokenLane(Lane):
         self._keep(keep)
         if not self.rows:
             return
-        logits, state = ex.extend(self.state, tokens, logits=not self.mock_ar)
-        for r in self.rows:
-            r.out.context_forwards += 1
+        logits, state = self._extend(list(range(len(self.rows))), tokens, logits=not self.mock_ar)
         if self.mock_ar:
             self.before, self.last = self.state, tokens
         else:

@@ -1,9 +1,10 @@
-"""In-flight batching at block boundaries: one scheduler owns the running rows of every request.
+"""In-flight batching: one scheduler owns the running rows of every request.
 
 ``submit`` queues a request's rows (any thread); each ``step`` first admits waiting rows that fit
 (prefilled alone, then joined to the lane of their mode and block size), then advances every lane
-by one unit (a block, or a token for AR / mock-AR). Finished and cancelled rows leave at once, so a
-new request waits at most one unit for its turn, never for the running batch to finish. Rows with
+by one unit (a denoiser step, or a token for AR / mock-AR). Finished and cancelled rows leave at
+once, so a new request waits at most one unit for its turn (then starts its first block at its own
+boundary), never for the running batch to finish. Rows with
 different thresholds, temperatures, seeds, step budgets and lengths share forwards (per-row values
 in the commit rule); every row keeps its own generators, so its tokens equal running it alone.
 
@@ -57,7 +58,7 @@ class Ticket:
         self._open = 0
 
     def cancel(self) -> None:
-        """Every row leaves at the next unit boundary (its last event has finished=True)."""
+        """Every row leaves before the next unit (its last event has finished=True)."""
         for r in self.rows:
             r.cancelled = True
 
@@ -155,8 +156,7 @@ class Scheduler:
                 except Exception as err:  # noqa: BLE001 - every row of the lane hears of it; others go on
                     log.exception("twotower: lane %s failed", key)
                     for r in lane.rows:
-                        r.out.finished = True
-                        r.fail(err)
+                        r.leave_failed(err)
                     del self.lanes[key]
             return worked
 
@@ -194,8 +194,7 @@ class Scheduler:
                 row = self._waiting[0]
                 if row.cancelled:
                     self._waiting.popleft()
-                    row.out.cancelled = row.out.finished = True
-                    row.emit(row, [])
+                    row.leave_cancelled()
                     continue
                 key = lane_key(row.mode, row.settings)
                 extra = admitted.get(key, []) + [row]
@@ -214,8 +213,7 @@ class Scheduler:
             except Exception as err:  # noqa: BLE001 - a failed prefill fails its own requests only
                 log.exception("twotower: prefill failed")
                 for r in rows:
-                    r.out.finished = True
-                    r.fail(err)
+                    r.leave_failed(err)
                 if not lane.rows:
                     del self.lanes[key]
 

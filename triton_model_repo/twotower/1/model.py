@@ -2,8 +2,8 @@
 
 Decoupled. Each request is validated on its own (a bad request gets one error response; the
 others are unaffected) and submitted to the runtime's scheduler, which runs in a background thread:
-new requests join the running batch at the next block boundary, finished or cancelled ones leave
-at once (``trtllm_twotower.runtime.scheduler``). Responses are sent from the scheduler's thread.
+new requests join the running batch at the next denoiser step (each starting its first block at
+its own boundary), finished or cancelled ones leave at once (``trtllm_twotower.runtime.scheduler``). Responses are sent from the scheduler's thread.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class TritonPythonModel:
 
         def on_block(event):
             if sender.is_cancelled():
-                state["ticket"].cancel()  # leaves the batch at the next block boundary
+                state["ticket"].cancel()  # leaves the batch before the next denoiser step
                 return
             if stream and event.token_ids:
                 _send(sender, pb_utils.InferenceResponse(_outputs(event.text, event.token_ids, tokenizer)))
