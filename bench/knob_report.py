@@ -19,7 +19,6 @@ import json
 import math
 import platform
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_towers import git_commit  # noqa: E402
 from trtllm_twotower.demo import default_checkpoint  # noqa: E402
 from trtllm_twotower.network import towers  # noqa: E402
 from trtllm_twotower.network.ops import TorchOps  # noqa: E402
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
                             steps_per_block=steps))
         print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("sample", "acceptance_by_position")}),
               flush=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     result = {"device": f"CPU ({platform.machine()}), {args.threads} thread(s)", "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"), "commit": commit,
               "checkpoint": str(directory), "prompts": len(prompts), "new_tokens": 64, "temperature": 0.0,

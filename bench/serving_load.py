@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.bench_towers import git_commit  # noqa: E402
 from trtllm_twotower.serve import (DEFAULT_REPOSITORY, REPO_ROOT, Supervisor, TritonServer,  # noqa: E402
                                    copy_model_repository, free_port, ready, stub_processes)
 
@@ -191,8 +192,7 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="twotower_load_"))
     result = {"server": args.server, "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-              "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True).stdout.strip(), "checkpoint": args.checkpoint or "shipped demo model"}
+              "commit": git_commit(), "checkpoint": args.checkpoint or "shipped demo model"}
     if args.server == "openai":
         proc, target = openai_server(args.checkpoint, tmp / "server.log")
         try:
