@@ -43,8 +43,12 @@ def test_chunked_bf16_inputs_keep_fp32_state():
 
 
 def test_per_position_states_are_the_states_of_shorter_scans():
-    """The state after token j of an L-token scan is bit-identical to the final state of a scan over
-    the first j + 1 tokens, and the conv history after token j is that scan's new conv state."""
+    """The state after token j of an L-token scan is the final state of a scan over the first j + 1
+    tokens, and the conv history after token j is that scan's new conv state (pure layout: equal).
+    The SSM states agree to fp32 rounding, not bit for bit: vectorised softplus / exp round a tensor's
+    tail differently from its body, so the same token may differ by an ulp between an L-token and a
+    (j+1)-token call (the bit-for-bit rollback test uses ``RowInvariantOps``). 1e-6 still tells
+    neighbouring positions apart: an off-by-one moves the state by far more (checked below)."""
     from trtllm_twotower.plugins.reference import conv_state_steps
 
     args = _inputs(3, 9, seed=11)
@@ -52,7 +56,12 @@ def test_per_position_states_are_the_states_of_shorter_scans():
     conv_steps = conv_state_steps(args["conv_state"], args["xbc"])
     assert steps.shape == (3, 9, 4, 8, 16) and conv_steps.shape == (3, 9, args["xbc"].shape[2], 4)
     assert torch.equal(steps[:, -1], final)
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     for j in (0, 3, 8):
         short = {**args, "xbc": args["xbc"][:, : j + 1], "dt": args["dt"][:, : j + 1]}
         _, conv_j, state_j = seeded_mamba_scan_ref(**short)
-        assert torch.equal(steps[:, j], state_j) and torch.equal(conv_steps[:, j], conv_j)
+        assert torch.equal(conv_steps[:, j], conv_j)
+        assert rel(steps[:, j], state_j) < 1e-6
+        for other in (j - 1, j + 1):
+            if 0 <= other < 9:
+                assert rel(steps[:, other], state_j) > 1e-3
