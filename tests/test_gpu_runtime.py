@@ -28,3 +28,45 @@ def test_cuda_bfloat16_runs_and_cross_device_mirror(demo_dir):
     same = TwoTowerRuntime.from_checkpoint(demo_dir, dtype="float32", context_device="cpu", denoiser_device="cpu")
     kw = dict(max_new_tokens=32, confidence_threshold=0.03, eos_token_id=None)
     assert split.generate(["mirror"], **kw).output_ids == same.generate(["mirror"], **kw).output_ids
+
+
+def _count_syncs(run) -> int:
+    """Synchronising CUDA calls made by ``run()``, from CUDA's sync debug mode."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("kernels", ["on", "off"])
+@pytest.mark.parametrize("mode", ["diffusion", "speculative", "ar"])
+def test_a_step_synchronises_once_on_cuda(demo_dir, monkeypatch, mode, kernels):
+    """The CUDA twin of ``test_host_reads``: a denoiser step that completes no block, and an AR
+    step, each make exactly one synchronising call (the completion flags; the AR tokens), with
+    the kernel library and with the torch references."""
+    from test_host_reads import _rows
+    from trtllm_twotower.runtime import lanes
+
+    monkeypatch.setenv("TWOTOWER_KERNELS", kernels)
+    if kernels == "on":
+        from trtllm_twotower.plugins import kernels as library
+
+        if not library.available():
+            pytest.skip("kernel library not built (trtllm_twotower/plugins/build.sh)")
+    rt = TwoTowerRuntime.from_checkpoint(demo_dir, dtype="bfloat16", context_device="cuda:0", denoiser_device="cuda:0")
+    cfg = rt.executor.cfg
+    rows = _rows(mode, cfg, [0.0, 0.8, 0.0, 1.3], steps_per_block=4, threshold=1.0, gen=torch.Generator().manual_seed(4))
+    lane = lanes.LANES[mode](rt.executor, lanes.lane_key(mode, rows[0].settings))
+    lane.admit(rows)
+    lane.advance()  # warm-up: allocations, pinned host blocks, kernel loading
+    if mode == "ar":
+        assert _count_syncs(lane.advance) == 1
+    else:
+        lane.advance()  # now at step 2 of 4 in every row: the next step completes nothing
+        assert _count_syncs(lane.advance) == 1

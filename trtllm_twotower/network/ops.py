@@ -198,7 +198,10 @@ class TorchOps:
         weights = weights.gather(-1, slot_order)
         flat = idx.reshape(-1)  # [n*k]
         order = torch.argsort(flat, stable=True)  # pairs grouped by expert
-        offsets = torch.bincount(flat, minlength=up.shape[0]).cumsum(0).to(torch.int32)  # [E] group ends
+        # [E] group ends, by binary search in the sorted ids (torch.bincount would read the ids'
+        # min and max back to the host on CUDA: two synchronisations per MoE layer)
+        experts = torch.arange(up.shape[0], device=flat.device, dtype=flat.dtype)
+        offsets = torch.searchsorted(flat[order], experts, right=True, out_int32=True)
         rows = tokens[order // k]  # [n*k, H]
         a = torch.relu(torch._grouped_mm(rows, up.transpose(-2, -1), offs=offsets)).square()  # [n*k, I]
         y = torch._grouped_mm(a, down.transpose(-2, -1), offs=offsets)  # [n*k, H], rounded like F.linear

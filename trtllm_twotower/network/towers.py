@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..config import ATTENTION, MAMBA, MLP, MOE, TwoTowerConfig
+from ..devices import upload
 from . import layers
 
 
@@ -95,10 +96,22 @@ def concat_states(states: list[TowerState], capacity: int) -> TowerState:
     )
 
 
+def _per_device(make):
+    """``make(device)``, computed once per device (row indices uploaded once, not once per layer)."""
+    cache = {}
+
+    def get(device):
+        if device not in cache:
+            cache[device] = make(device)
+        return cache[device]
+    return get
+
+
 def select_rows(state: TowerState, rows: list[int]) -> TowerState:
     """A state holding only ``rows`` (copies; used when rows finish at different times)."""
     index = torch.tensor(rows, dtype=torch.long)
-    pick = lambda d: {i: t[index.to(t.device)] for i, t in d.items()}  # noqa: E731
+    on_device = _per_device(lambda device: upload(index, device))
+    pick = lambda d: {i: t[on_device(t.device)] for i, t in d.items()}  # noqa: E731
     return TowerState(lengths=state.lengths[index], keys=pick(state.keys), values=pick(state.values),
                       conv=pick(state.conv), ssm=pick(state.ssm))
 
@@ -114,7 +127,8 @@ def merge_rows(state: TowerState, rows: list[int], sub: TowerState) -> TowerStat
             state.values[i][r, lo:hi] = sub.values[i][j, lo:hi]
     lengths = state.lengths.clone()
     lengths[index] = sub.lengths
-    put = lambda old, new: {i: t.index_copy(0, index.to(t.device), new[i]) for i, t in old.items()}  # noqa: E731
+    on_device = _per_device(lambda device: upload(index, device))
+    put = lambda old, new: {i: t.index_copy(0, on_device(t.device), new[i]) for i, t in old.items()}  # noqa: E731
     return TowerState(lengths=lengths, keys=state.keys, values=state.values, conv=put(state.conv, sub.conv),
                       ssm=put(state.ssm, sub.ssm))
 
@@ -130,7 +144,8 @@ def rollback(state: TowerState, keep: torch.Tensor) -> TowerState:
     if bool(((keep < 0) | (keep > trace.length)).any()):
         raise ValueError(f"rollback: keep {keep.tolist()} outside [0, {trace.length}]")
     rows = torch.arange(state.batch)
-    pick = lambda d: {i: t[rows.to(t.device), keep.to(t.device)] for i, t in d.items()}  # noqa: E731
+    on_device = _per_device(lambda device: (upload(rows, device), upload(keep, device)))
+    pick = lambda d: {i: t[on_device(t.device)] for i, t in d.items()}  # noqa: E731
     return TowerState(lengths=state.lengths - trace.length + keep, keys=state.keys, values=state.values,
                       conv=pick(trace.conv), ssm=pick(trace.ssm))
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..devices import upload
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 _c_int, _c_size, _ptr = ctypes.c_int, ctypes.c_size_t, ctypes.c_void_p
@@ -121,7 +123,7 @@ def block_attention(q, k, v, k_cache, v_cache, cache_lens, causal: bool, write_c
     max_len = int(cache_lens.max()) if cache_lens.device.type == "cpu" else S - L
     if max_len + L > S:
         raise ValueError(f"cache_lens: {max_len} + {L} new tokens exceed the cache capacity {S}")
-    lens = cache_lens.to(device=device, dtype=torch.int32, non_blocking=True)
+    lens = upload(cache_lens, device, torch.int32)  # host lengths: queued, no sync
     lib = _lib()
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     splits = lib.twotower_block_attention_num_splits(B, L, H, K, max_len, sms)

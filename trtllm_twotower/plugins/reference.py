@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..devices import upload
+
 
 def block_attention_ref(
     q: torch.Tensor,  # [B, L, H, P]
@@ -42,13 +44,14 @@ def block_attention_ref(
     # 1. keys/values seen by the chunk: the cache prefix (padded to the longest row) ‖ the chunk
     keys = torch.cat([k_cache[:, :max_len].float(), k.float()], dim=1)  # [B, max_len + L, K, P]
     values = torch.cat([v_cache[:, :max_len].float(), v.float()], dim=1)
-    # 2. mask: cache slot s valid iff s < len_b; chunk key i visible to query j iff i <= j (causal)
-    slot = torch.arange(max_len)
-    cache_ok = (slot[None, :] < lens[:, None])[:, None, :].expand(B, L, max_len)  # [B, L, max_len]
-    chunk_ok = torch.ones(L, L, dtype=torch.bool)
+    # 2. mask: cache slot s valid iff s < len_b; chunk key i visible to query j iff i <= j (causal);
+    # built on q's device from the uploaded lengths (a host-built mask would be a synchronising copy)
+    slot = torch.arange(max_len, device=q.device)
+    cache_ok = (slot[None, :] < upload(lens, q.device)[:, None])[:, None, :].expand(B, L, max_len)  # [B, L, max_len]
+    chunk_ok = torch.ones(L, L, dtype=torch.bool, device=q.device)
     if causal:
         chunk_ok = torch.tril(chunk_ok)
-    visible = torch.cat([cache_ok, chunk_ok[None].expand(B, L, L)], dim=2).to(q.device)  # [B, L, max_len+L]
+    visible = torch.cat([cache_ok, chunk_ok[None].expand(B, L, L)], dim=2)  # [B, L, max_len+L]
     # 3. GQA: repeat each kv head for its H // K query heads
     group = H // K
     keys = keys.repeat_interleave(group, dim=2)  # [B, max_len + L, H, P]

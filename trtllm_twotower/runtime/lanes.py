@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from ..devices import upload
 from . import sampler
 from .sampler import SamplerSettings
 
@@ -171,7 +172,7 @@ class Lane:
         for name in self.batched_fields:
             value = getattr(self, name)
             if isinstance(value, torch.Tensor):
-                setattr(self, name, value[torch.tensor(keep, device=value.device)])
+                setattr(self, name, value[upload(keep, value.device, torch.long)])
             elif value is not None:
                 setattr(self, name, self.executor.select(value, keep))
 
@@ -237,7 +238,7 @@ class BlockLane(Lane):
     def _restart(self, rows: list[int], first_tokens: torch.Tensor | None = None) -> None:
         """Give the rows at ``rows`` a fresh block."""
         fresh = self._new_blocks(len(rows), first_tokens)
-        index = torch.tensor(rows, device=self.x.device)
+        index = upload(rows, self.x.device, torch.long)
         for name in ("x", "open", "block_step", "committed_at"):
             getattr(self, name)[index] = fresh[name]
 
@@ -256,15 +257,17 @@ class BlockLane(Lane):
             self._settings("confidence_threshold"), temps, [r.draft_gen for r in rows],
             confidence=self._confidence(), return_probs=True, masked=self.open)
         newly = self.open & (new_x != mask_id)  # the denoiser never predicts the mask id
-        self.committed_at[newly] = self.block_step[:, None].expand_as(newly)[newly]
+        self.committed_at = torch.where(newly, self.block_step[:, None], self.committed_at)
         if record and probs is not None:
             if self.draft_probs is None:
                 self.draft_probs = torch.zeros_like(probs)
-            self.draft_probs[newly] = probs[newly]
+            self.draft_probs = torch.where(newly[..., None], probs, self.draft_probs)
         self.open &= ~newly
         self.x = new_x
         self.block_step += 1
-        done = (~self.open.any(-1)).nonzero().view(-1).tolist()  # the step's one host synchronisation
+        # the step's one read from the device: which blocks are complete (they are reported and
+        # extended at once; everything before this line is queued without waiting)
+        done = [i for i, complete in enumerate((~self.open.any(-1)).tolist()) if complete]
         if done:
             self._complete(done)
 
@@ -343,7 +346,7 @@ class SpeculativeLane(BlockLane):
             self._settings("temperature", done), self._settings("top_k", done), self._settings("top_p", done),
             [self.rows[i].ar_gen for i in done])
         self._merge(done, ex.rollback(traced, torch.tensor([1 + a for a in verdict.accepted])))
-        self.pending[torch.tensor(done, device=self.pending.device)] = verdict.next_token.to(self.pending.device)
+        self.pending[upload(done, self.pending.device, torch.long)] = verdict.next_token.to(self.pending.device)
         for i, a, tried in zip(done, verdict.accepted, verdict.attempted):
             out = self.rows[i].out
             out.accepted.append(a)
@@ -355,7 +358,7 @@ class SpeculativeLane(BlockLane):
         self._emit(done, [d[: 1 + a] for d, a in zip(drafts.tolist(), verdict.accepted)])
         going = [i for i in done if not self.rows[i].out.finished]
         if going:
-            self._restart(going, self.pending[torch.tensor(going, device=self.pending.device)])
+            self._restart(going, self.pending[upload(going, self.pending.device, torch.long)])
         survivors = [i for i, r in enumerate(self.rows) if not r.out.finished]
         going = [survivors.index(i) for i in going]
         self._keep(survivors)
@@ -379,7 +382,7 @@ class TokenLane(Lane):
             state, logits = ex.prefill([r.prompt for r in rows], capacity)
             return {"state": state, "logits": logits}
         before, _ = ex.prefill([r.prompt[:-1] for r in rows], capacity)
-        last = torch.tensor([[r.prompt[-1]] for r in rows], device=ex.context_device)
+        last = upload([[r.prompt[-1]] for r in rows], ex.context_device, torch.long)
         _, state = ex.extend(before, last, logits=False)
         return {"state": state, "before": before, "last": last}
 

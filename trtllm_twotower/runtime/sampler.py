@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..devices import upload
+
 MASK_LOGIT = -1e12  # the mask token can never be predicted (spec §7.1)
 
 
@@ -34,12 +36,18 @@ class SamplerSettings:
 
 
 def per_row(value, rows: int, device, dtype=torch.float32) -> torch.Tensor:
-    """A number, or one value per row, as a [rows] tensor."""
+    """A number, or one value per row, as a [rows] tensor on ``device`` (uploaded without a sync)."""
     if isinstance(value, torch.Tensor):
         return value.to(device=device, dtype=dtype)
-    if isinstance(value, (list, tuple)):
-        return torch.tensor(value, dtype=dtype, device=device)
-    return torch.full((rows,), value, dtype=dtype, device=device)
+    return upload(list(value) if isinstance(value, (list, tuple)) else [value] * rows, device, dtype)
+
+
+def host_values(value, rows: int) -> list[float]:
+    """A number, or one value per row, as a host list (read once if it is a tensor): the settings
+    that decide what the host launches (which rows sample) are never read back from the device."""
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * rows
 
 
 def commit_step(x: torch.Tensor, logits: torch.Tensor, mask_id: int, step: int, steps, threshold, temperature,
@@ -54,16 +62,17 @@ def commit_step(x: torch.Tensor, logits: torch.Tensor, mask_id: int, step: int, 
     [B]) and with ``return_probs`` the distribution each prediction was drawn from ([B, L, V],
     temperature applied; None when every row is greedy). Committed tokens never change. Among equal
     confidences the lower position commits first (stable sort). ``generators``: one per row, drawn
-    from only by rows with temperature > 0 that still have masked positions.
+    from only by rows with temperature > 0 (one [L, V] table per step; the lanes only pass rows
+    with an open block). No value is read back from the device: a step is launched, not waited for.
     ``confidence``: "sampled" = the temperature-1 probability of the drawn token (the spec's rule);
     "argmax" = the temperature-1 probability of the most likely token, which does not depend on
     the draw (speculative drafts: the token's law given that it was committed stays the sampling law).
     """
     B, L = x.shape
     device = x.device
+    temps = host_values(temperature, B)
     steps = per_row(steps, B, device, torch.long)
     threshold = per_row(threshold, B, device)
-    temperature = per_row(temperature, B, device)
     masked = x == mask_id if masked is None else masked  # [B, L]
     n = masked.sum(-1)  # [B]
     logits = logits.float().clone()
@@ -71,20 +80,18 @@ def commit_step(x: torch.Tensor, logits: torch.Tensor, mask_id: int, step: int, 
     probs = torch.softmax(logits, dim=-1)  # confidence always at temperature 1
     pred = probs.argmax(-1)  # first maximal index on ties, as torch.argmax
     sample_probs = None
-    sampled_rows = [b for b in range(B) if float(temperature[b]) > 0]
-    if sampled_rows:
-        rows = torch.tensor(sampled_rows, device=device)
-        scores = torch.log_softmax(logits[rows] / temperature[rows, None, None], dim=-1)  # [b, L, V]
-        noise = torch.empty_like(scores)
-        draw = [int(n[b]) > 0 for b in sampled_rows]  # a finished row draws nothing
-        for i, b in enumerate(sampled_rows):
-            if draw[i]:
-                noise[i].uniform_(generator=generators[b])
+    sampled_rows = [b for b in range(B) if temps[b] > 0]
+    if sampled_rows:  # Gumbel-max over the whole batch (greedy rows' results are discarded)
+        sampled = per_row([t > 0 for t in temps], B, device, torch.bool)
+        scale = per_row([t if t > 0 else 1.0 for t in temps], B, device)
+        scores = torch.log_softmax(logits / scale[:, None, None], dim=-1)  # [B, L, V]
+        noise = torch.full_like(scores, 0.5)
+        for b in sampled_rows:
+            noise[b].uniform_(generator=generators[b])
         gumbel = -torch.log(-torch.log(noise.clamp_min(1e-10)))
-        pred[rows] = torch.where(torch.tensor(draw, device=device)[:, None], (scores + gumbel).argmax(-1), pred[rows])
+        pred = torch.where(sampled[:, None], (scores + gumbel).argmax(-1), pred)
         if return_probs:
-            sample_probs = torch.zeros_like(probs)
-            sample_probs[rows] = scores.exp()
+            sample_probs = torch.where(sampled[:, None, None], scores.exp(), 0.0)
     chosen = probs.max(-1).values if confidence == "argmax" else probs.gather(-1, pred[..., None])[..., 0]  # [B, L]
     confident = ((chosen > threshold[:, None]) & masked).sum(-1)  # strict >
     remaining = (steps - step).clamp_min(1)
@@ -105,17 +112,18 @@ def ar_probs(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
     a one-hot of the argmax for greedy rows (T = 0). logits [B, V]; settings a number or per row."""
     B = logits.shape[0]
     device = logits.device
-    temperature = per_row(temperature, B, device)
-    top_k = per_row(top_k, B, device, torch.long)
-    top_p = per_row(top_p, B, device)
-    greedy = temperature <= 0
-    probs = torch.softmax(logits.float() / torch.where(greedy, 1.0, temperature)[:, None], dim=-1)
-    if bool((top_k > 0).any()):
-        k = torch.where(top_k > 0, top_k.clamp_max(probs.shape[-1]), probs.shape[-1])
+    temps, top_ks, top_ps = host_values(temperature, B), host_values(top_k, B), host_values(top_p, B)
+    greedy = per_row([t <= 0 for t in temps], B, device, torch.bool)
+    scale = per_row([t if t > 0 else 1.0 for t in temps], B, device)
+    probs = torch.softmax(logits.float() / scale[:, None], dim=-1)
+    if any(k > 0 for k in top_ks):
+        V = probs.shape[-1]
+        k = per_row([min(int(k), V) if k > 0 else V for k in top_ks], B, device, torch.long)
         sorted_p = torch.sort(probs, dim=-1, descending=True).values
         kth = sorted_p.gather(-1, (k - 1)[:, None])
         probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
-    if bool((top_p < 1).any()):
+    if any(p < 1 for p in top_ps):
+        top_p = per_row(top_ps, B, device)
         sorted_p, order = torch.sort(probs, dim=-1, descending=True)
         drop = (sorted_p.cumsum(-1) - sorted_p > top_p[:, None]) & (top_p[:, None] < 1)  # keep the prefix reaching top_p
         probs = probs.scatter(-1, order, torch.where(drop, torch.zeros_like(sorted_p), sorted_p))
@@ -128,12 +136,12 @@ def sample_next(logits: torch.Tensor, temperature, top_k, top_p, generators: lis
     """AR / mock-AR token choice: greedy argmax, else one draw per row from its own generator from
     ``ar_probs``. logits [B, V] -> tokens [B]."""
     B = logits.shape[0]
-    temperature = per_row(temperature, B, logits.device)
+    temps = host_values(temperature, B)
     tokens = logits.argmax(-1)
-    if bool((temperature > 0).any()):
-        probs = ar_probs(logits, temperature, top_k, top_p)
+    if any(t > 0 for t in temps):
+        probs = ar_probs(logits, temps, top_k, top_p)
         for b in range(B):
-            if float(temperature[b]) > 0:
+            if temps[b] > 0:
                 tokens[b] = torch.multinomial(probs[b], 1, generator=generators[b])[0]
     return tokens
 
@@ -176,28 +184,28 @@ def verify_draft(draft: torch.Tensor, commit_step_of: torch.Tensor, draft_probs:
     """
     B, L = draft.shape
     device = ar_logits.device
-    temperature = per_row(temperature, B, device)
-    p = ar_probs(ar_logits.reshape(B * L, -1), temperature.repeat_interleave(L), per_row(top_k, B, device,
-                 torch.long).repeat_interleave(L), per_row(top_p, B, device).repeat_interleave(L)).view(B, L, -1)
+    temps = host_values(temperature, B)
+    each_position = lambda values: [v for v in host_values(values, B) for _ in range(L)]  # noqa: E731
+    p = ar_probs(ar_logits.reshape(B * L, -1), each_position(temps), each_position(top_k),
+                 each_position(top_p)).view(B, L, -1)
     drafts = draft[:, 1:].to(device)  # [B, L-1], predicted by positions 0 .. L-2
     p_draft = p[:, :-1].gather(-1, drafts[..., None])[..., 0]  # [B, L-1]
-    greedy = temperature <= 0
-    accept = torch.zeros(B, L - 1, dtype=torch.bool, device=device)
-    accept[greedy] = drafts[greedy] == ar_logits[greedy, :-1].argmax(-1)
+    greedy = [t <= 0 for t in temps]
+    accept = (drafts == ar_logits[:, :-1].argmax(-1)) & per_row(greedy, B, device, torch.bool)[:, None]
     q_valid = q_draft = None
-    if bool((~greedy).any()):
+    if not all(greedy):
         q_valid = draft_law_known(commit_step_of[:, 1:].to(device))
         q = draft_probs[:, 1:].to(device)
         q_draft = q.gather(-1, drafts[..., None])[..., 0]
         alpha = torch.where(q_valid, torch.clamp(p_draft / q_draft.clamp_min(1e-30), max=1.0), p_draft)
         for b in range(B):
-            if not bool(greedy[b]):
+            if not greedy[b]:
                 accept[b] = torch.rand(L - 1, generator=generators[b], device=device) < alpha[b]
     accepted = torch.cumprod(accept.long(), dim=-1).sum(-1).tolist()  # leading accepts
     next_token = torch.empty(B, dtype=torch.long, device=device)
     for b in range(B):
         a = accepted[b]
-        if bool(greedy[b]):
+        if greedy[b]:
             next_token[b] = ar_logits[b, a].argmax()
             continue
         if a < L - 1:  # rejected at position a + 1: draw from the residual there
