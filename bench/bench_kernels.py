@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import sys
@@ -119,13 +120,23 @@ def main(argv=None) -> int:
     print(f"{torch.cuda.get_device_name(device)}: copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     result = {"device": torch.cuda.get_device_name(device),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": git_commit(), "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth,
-              "block_attention": bench_attention(device, args.contexts, bandwidth, args),
-              "seeded_scan": bench_scan(device, bandwidth, args),
-              "moe_experts": bench_experts(device, bandwidth, args)}
+              "commit": git_commit(), "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    return 0
+    sections = {"block_attention": lambda: bench_attention(device, args.contexts, bandwidth, args),
+                "seeded_scan": lambda: bench_scan(device, bandwidth, args),
+                "moe_experts": lambda: bench_experts(device, bandwidth, args)}
+    failed = False
+    for name, run in sections.items():  # a failing kernel is a result; the others still run
+        try:
+            result[name] = run()
+        except Exception as error:  # noqa: BLE001
+            failed = True
+            result[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
+            print(f"{name}: {result[name]['error']}", flush=True)
+            with contextlib.suppress(Exception):  # a kernel fault poisons the context: later sections say so
+                torch.cuda.synchronize(device)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

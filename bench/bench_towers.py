@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -128,34 +129,62 @@ def step_bytes(cfg, w: dict, distinct: list[int], batch: int, context: int, new_
     return total
 
 
+def graph_ms(run, device, args) -> tuple[float | None, str | None]:
+    """Median ms of the step replayed as one CUDA graph (the launch gaps gone), or (None, why not).
+    The step must make no synchronising call: the state's lengths live on the device and attention
+    runs in the kernel library (its torch reference reads the lengths on the host)."""
+    if device.type != "cuda":
+        return None, "CUDA graphs need a CUDA device"
+    try:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
+            run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            run()
+        return median_ms(graph.replay, device, args.warmup, args.repeat), None
+    except Exception as error:  # noqa: BLE001 - any capture failure is a result to report
+        torch.cuda.synchronize(device)
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+
+
 def time_steps(cfg, ctx_w, den_w, dtype, device, batch: int, context: int, args, bandwidth: float) -> list[dict]:
     rows = []
     state = random_state(cfg, batch, context, context + 64, dtype, device, seed=batch + context)
+    # the same state with its lengths on the device, for graph capture (no host reads of them)
+    device_state = towers.TowerState(state.lengths.to(device), state.keys, state.values, state.conv, state.ssm)
     gen = torch.Generator(device=device).manual_seed(0)
     cases = []
     if ctx_w is not None:
         one = torch.randint(4, cfg.vocab_size, (batch, 1), device=device, generator=gen)
         block = torch.randint(4, cfg.vocab_size, (batch, 16), device=device, generator=gen)
-        cases += [("ar_token", ctx_w, lambda ops: towers.context_forward(ops, cfg, ctx_w, state, one), 1, True, True),
+        cases += [("ar_token", ctx_w, lambda ops, s: towers.context_forward(ops, cfg, ctx_w, s, one), 1, True, True),
                   ("extend16", ctx_w,
-                   lambda ops: towers.context_forward(ops, cfg, ctx_w, state, block, logits=False), 16, False, True)]
+                   lambda ops, s: towers.context_forward(ops, cfg, ctx_w, s, block, logits=False), 16, False, True)]
     if den_w is not None:
         masks = torch.full((batch, 16), cfg.mask_token_id, device=device)
         t = torch.ones(batch, device=device)
-        cases.append(("denoise16", den_w, lambda ops: towers.denoise(ops, cfg, den_w, state, masks, t), 16, True, False))
+        cases.append(("denoise16", den_w, lambda ops, s: towers.denoise(ops, cfg, den_w, s, masks, t), 16, True, False))
     with torch.inference_mode():
         for name, w, run, new_tokens, head, writes in cases:
             counting = CountingOps(dtype, device)
-            run(counting)  # one pass to see which experts this step routes
+            run(counting, state)  # one pass to see which experts this step routes
             ops = TorchOps(dtype, device)
-            ms = median_ms(lambda: run(ops), device, args.warmup, args.repeat)
+            ms = median_ms(lambda: run(ops, state), device, args.warmup, args.repeat)
+            ms_graph, graph_error = graph_ms(lambda: run(ops, device_state), device, args) if args.graphs else (None, None)
             floor_bytes = step_bytes(cfg, w, counting.distinct, batch, context, new_tokens, head=head, writes_state=writes)
             floor_ms = floor_bytes / bandwidth * 1e3
             rows.append({"step": name, "batch": batch, "context": context, "ms": ms, "floor_ms": floor_ms,
                          "ratio_to_floor": ms / floor_ms, "floor_bytes": floor_bytes,
+                         "ms_graph": ms_graph, "graph_ratio_to_floor": ms_graph / floor_ms if ms_graph else None,
+                         "graph_error": graph_error,
                          "distinct_experts_mean": statistics.mean(counting.distinct) if counting.distinct else 0})
+            graphed = f"graph {ms_graph:8.3f} ms x{ms_graph / floor_ms:5.2f}" if ms_graph else f"graph: {graph_error}"
             print(f"{name:10s} B={batch:3d} ctx={context:6d}  {ms:9.3f} ms  floor {floor_ms:8.3f} ms  "
-                  f"x{ms / floor_ms:6.2f}  experts/layer {rows[-1]['distinct_experts_mean']:.1f}", flush=True)
+                  f"x{ms / floor_ms:6.2f}  experts/layer {rows[-1]['distinct_experts_mean']:.1f}  "
+                  f"{graphed if args.graphs else ''}", flush=True)
     return rows
 
 
@@ -177,41 +206,58 @@ def time_generation(cfg, raw, ctx_w, den_w, dtype, device, args) -> list[dict]:
     for batch in args.gen_batches:
         prompts = [torch.randint(4, cfg.vocab_size, (args.gen_prompt,), generator=gen).tolist() for _ in range(batch)]
         for mode in ("diffusion", "speculative", "mock-ar", "ar"):
-            settings = sampler.SamplerSettings(args.gen_tokens, 16, 16, args.threshold, 0.0, 0, 1.0,
+            # speculative drafts in one denoiser step per block: its fewest forwards per token (README)
+            steps_per_block = 1 if mode == "speculative" else 16
+            settings = sampler.SamplerSettings(args.gen_tokens, 16, steps_per_block, args.threshold, 0.0, 0, 1.0,
                                                cfg.mask_token_id, None)
             run_scheduled(executor, cfg, mode, prompts, settings, device)  # warm-up
             outputs, seconds = run_scheduled(executor, cfg, mode, prompts, settings, device)
             tokens = sum(len(o.tokens) for o in outputs)
             steps = sum(o.steps for o in outputs)
             forwards = sum(o.denoiser_forwards + o.context_forwards for o in outputs)
-            rows.append({"mode": mode, "batch": batch, "tokens_per_s": tokens / seconds, "seconds": seconds,
+            rows.append({"mode": mode, "batch": batch, "steps_per_block": steps_per_block,
+                         "tokens_per_s": tokens / seconds, "seconds": seconds,
                          "tokens_per_step": tokens / max(1, steps), "forwards_per_token": forwards / max(1, tokens)})
             print(f"generate {mode:11s} B={batch:3d}  {tokens / seconds:9.1f} tok/s  tokens/step "
                   f"{rows[-1]['tokens_per_step']:.2f}", flush=True)
         if args.transformers and batch == 1:
-            from trtllm_twotower.hf_reference import transformers_model_from_config
-
-            model = transformers_model_from_config(raw, ctx_w, dtype)
-            ids = torch.tensor(prompts, device=device)
-            run = lambda: model.generate(ids, max_new_tokens=args.gen_tokens, do_sample=False,  # noqa: E731
-                                         eos_token_id=None, pad_token_id=0)
-            with torch.inference_mode():
-                run()
-                sync(device)
-                start = time.perf_counter()
-                run()
-                sync(device)
-            seconds = time.perf_counter() - start
+            try:
+                seconds = time_transformers(raw, ctx_w, dtype, device, prompts, args.gen_tokens)
+            except Exception as error:  # noqa: BLE001 - the installed transformers may lack NemotronH
+                rows.append({"mode": "transformers-ar", "batch": 1, "error": f"{type(error).__name__}: {error}"[:300]})
+                print(f"generate transformers-ar: {rows[-1]['error']}", flush=True)
+                continue
             rows.append({"mode": "transformers-ar", "batch": 1, "tokens_per_s": args.gen_tokens / seconds,
                          "seconds": seconds, "tokens_per_step": 1.0})
             print(f"generate transformers-ar B=  1  {args.gen_tokens / seconds:9.1f} tok/s", flush=True)
     return rows
 
 
+def time_transformers(raw, ctx_w, dtype, device, prompts, new_tokens: int) -> float:
+    """Seconds of transformers' greedy ``generate`` (its NemotronH over our tensors), after a warm-up."""
+    from trtllm_twotower.hf_reference import transformers_model_from_config
+
+    model = transformers_model_from_config(raw, ctx_w, dtype)
+    ids = torch.tensor(prompts, device=device)
+    run = lambda: model.generate(ids, max_new_tokens=new_tokens, do_sample=False,  # noqa: E731
+                                 eos_token_id=None, pad_token_id=0)
+    with torch.inference_mode():
+        run()
+        sync(device)
+        start = time.perf_counter()
+        run()
+        sync(device)
+    return time.perf_counter() - start
+
+
 def git_commit() -> str:
+    """The commit measured: $TWOTOWER_COMMIT when set (a copied tree without .git, e.g. on a lent
+    GPU machine), else git's HEAD, with "+dirty" when the tree has uncommitted changes."""
+    if os.environ.get("TWOTOWER_COMMIT"):
+        return os.environ["TWOTOWER_COMMIT"]
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, check=True).stdout  # noqa: E731
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return git("rev-parse", "HEAD").strip() + ("+dirty" if git("status", "--porcelain", "--untracked-files=no").strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -224,12 +270,14 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=52, help="first N layers of the real pattern (52 = full depth)")
     p.add_argument("--towers", choices=["context", "denoiser", "both"], default="both")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
+    p.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192])
     p.add_argument("--gen-batches", type=int, nargs="*", default=[1, 4, 16])
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--gen-prompt", type=int, default=256)
     p.add_argument("--threshold", type=float, default=0.8)
     p.add_argument("--transformers", action="store_true", help="also time transformers' greedy generate (AR baseline)")
+    p.add_argument("--graphs", action="store_true",
+                   help="also time each step replayed as a CUDA graph (needs the kernel library)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=10)
     args = p.parse_args(argv)
@@ -250,18 +298,24 @@ def main(argv=None) -> int:
     bandwidth = copy_bandwidth(device, 64 * 2**20 if args.smoke else 2 * 2**30)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.machine()}), "
           f"layers {cfg.num_layers}, copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
-    steps = [row for b in args.batches for c in args.contexts
-             for row in time_steps(cfg, ctx_w, den_w, dtype, device, b, c, args, bandwidth)]
-    generation = time_generation(cfg, raw, ctx_w, den_w, dtype, device, args) if args.towers == "both" else []
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(), "torch": torch.__version__, "layers": cfg.num_layers, "dtype": str(dtype),
-        "copy_bandwidth_bytes_per_s": bandwidth, "steps": steps, "generation": generation,
+        "kernels": os.environ.get("TWOTOWER_KERNELS", "auto"),
+        "copy_bandwidth_bytes_per_s": bandwidth, "steps": [], "generation": [], "complete": False,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    save = lambda: out.write_text(json.dumps(result, indent=2))  # noqa: E731 - after every piece: a cut run keeps its numbers
+    for b in args.batches:
+        for c in args.contexts:
+            result["steps"] += time_steps(cfg, ctx_w, den_w, dtype, device, b, c, args, bandwidth)
+            save()
+    if args.towers == "both":
+        result["generation"] = time_generation(cfg, raw, ctx_w, den_w, dtype, device, args)
+    result["complete"] = True
+    save()
     return 0
 
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_towers_smoke(tmp_path):
     out = tmp_path / "smoke.json"
     subprocess.run([sys.executable, str(ROOT / "bench" / "bench_towers.py"), "--smoke", "--device", "cpu",
-                    "--out", str(out)], check=True, capture_output=True, text=True, cwd=ROOT)
+                    "--graphs", "--out", str(out)], check=True, capture_output=True, text=True, cwd=ROOT)
     result = json.loads(out.read_text())
     assert {"device", "date", "commit", "copy_bandwidth_bytes_per_s", "steps", "generation"} <= set(result)
     steps = {(r["step"], r["batch"]) for r in result["steps"]}
@@ -21,6 +21,7 @@ def test_bench_towers_smoke(tmp_path):
     for row in result["steps"]:
         assert row["floor_ms"] > 0 and row["ms"] > 0 and row["ratio_to_floor"] == row["ms"] / row["floor_ms"]
         assert 1 <= row["distinct_experts_mean"] <= 8
+        assert row["ms_graph"] is None and row["graph_error"] == "CUDA graphs need a CUDA device"  # CPU: skipped, said why
     assert {r["mode"] for r in result["generation"]} == {"diffusion", "speculative", "mock-ar", "ar"}
 
 
@@ -51,3 +52,31 @@ def test_knob_report_smoke(tmp_path):
     assert rows[0]["ar_agreement"] == 1.0 and rows[-1]["ar_agreement"] == 1.0  # speculative is exactly AR
     assert 1.0 <= rows[2]["tokens_per_step"] <= 16 and 0 < rows[2]["known_word_rate"] <= 1
 
+
+
+def test_gpu_summary_judges_each_goal_by_its_measured_ratio(tmp_path, capsys):
+    """The goal table of a GPU run: met / not met from the numbers, "not measured" where a file or
+    a section is missing or failed, and the plot from the step rows."""
+    sys.path.insert(0, str(ROOT))
+    from bench import gpu_summary
+
+    def row(step, ms, floor, ms_graph=None):
+        return {"step": step, "batch": 1, "context": 1024, "ms": ms, "floor_ms": floor, "ms_graph": ms_graph}
+
+    towers = {"device": "GPU-X", "layers": 52, "commit": "abc", "date": "2026-12-03", "complete": True,
+              "copy_bandwidth_bytes_per_s": 4.3e12,
+              "steps": [row("ar_token", 5.0, 2.0, ms_graph=2.4), row("denoise16", 3.0, 2.0)],
+              "generation": [{"mode": "ar", "batch": 1, "tokens_per_s": 300.0},
+                             {"mode": "transformers-ar", "batch": 1, "tokens_per_s": 100.0}]}
+    kernels = {"block_attention": [{"context": 8192, "fraction_of_copy_bandwidth": 0.5, "speedup_vs_sdpa": 2.0}],
+               "seeded_scan": {"error": "KernelError: boom"}}
+    table = {g[0]: g for g in gpu_summary.goals(towers, kernels)}
+    assert table["AR token, batch 1, ctx 1k"][3] is True and "(graph)" in table["AR token, batch 1, ctx 1k"][2]
+    assert table["denoiser step, batch 1, ctx 1k"][3] is False and "1.50x" in table["denoiser step, batch 1, ctx 1k"][2]
+    assert table["AR mode vs transformers greedy, batch 1"][3] is True
+    assert table["block attention, ctx 8192"][3] is False
+    assert table["seeded scan"][2] == "KernelError: boom" and table["seeded scan"][3] is None
+    (tmp_path / "towers.json").write_text(json.dumps(towers))
+    assert gpu_summary.main([str(tmp_path), "--plot", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 10_000 and "GPU-X" in capsys.readouterr().out
+    assert gpu_summary.main([str(tmp_path / "missing")]) == 2
