@@ -200,25 +200,37 @@ def run_scheduled(executor, cfg, mode, prompts, settings, device):
 
 
 def time_generation(cfg, raw, ctx_w, den_w, dtype, device, args) -> list[dict]:
-    executor = TorchExecutor(cfg, ctx_w, den_w, dtype, device, device)
+    executors = {"off": TorchExecutor(cfg, ctx_w, den_w, dtype, device, device, graphs="off")}
+    if args.graphs:  # AR replayed from CUDA graphs (on the CPU the same plumbing, uncaptured: the smoke run)
+        graphs = "on" if device.type == "cuda" else "emulate"
+        executors[graphs] = TorchExecutor(cfg, ctx_w, den_w, dtype, device, device, graphs=graphs)
+    runs = [(mode, "off") for mode in ("diffusion", "speculative", "mock-ar", "ar")] + \
+        [("ar", graphs) for graphs in executors if graphs != "off"]
     gen = torch.Generator().manual_seed(1)
     rows = []
     for batch in args.gen_batches:
         prompts = [torch.randint(4, cfg.vocab_size, (args.gen_prompt,), generator=gen).tolist() for _ in range(batch)]
-        for mode in ("diffusion", "speculative", "mock-ar", "ar"):
+        for mode, graphs in runs:
+            label = mode if graphs == "off" else f"{mode}-graphs"
             # speculative drafts in one denoiser step per block: its fewest forwards per token (README)
             steps_per_block = 1 if mode == "speculative" else 16
             settings = sampler.SamplerSettings(args.gen_tokens, 16, steps_per_block, args.threshold, 0.0, 0, 1.0,
                                                cfg.mask_token_id, None)
-            run_scheduled(executor, cfg, mode, prompts, settings, device)  # warm-up
-            outputs, seconds = run_scheduled(executor, cfg, mode, prompts, settings, device)
+            try:
+                run_scheduled(executors[graphs], cfg, mode, prompts, settings, device)  # warm-up
+                outputs, seconds = run_scheduled(executors[graphs], cfg, mode, prompts, settings, device)
+            except Exception as error:  # noqa: BLE001 - e.g. a capture that fails: reported, the rest runs
+                rows.append({"mode": label, "batch": batch, "graphs": graphs, "error": f"{type(error).__name__}: "
+                             f"{error}"[:300]})
+                print(f"generate {label:11s} B={batch:3d}  {rows[-1]['error']}", flush=True)
+                continue
             tokens = sum(len(o.tokens) for o in outputs)
             steps = sum(o.steps for o in outputs)
             forwards = sum(o.denoiser_forwards + o.context_forwards for o in outputs)
-            rows.append({"mode": mode, "batch": batch, "steps_per_block": steps_per_block,
+            rows.append({"mode": label, "batch": batch, "graphs": graphs, "steps_per_block": steps_per_block,
                          "tokens_per_s": tokens / seconds, "seconds": seconds,
                          "tokens_per_step": tokens / max(1, steps), "forwards_per_token": forwards / max(1, tokens)})
-            print(f"generate {mode:11s} B={batch:3d}  {tokens / seconds:9.1f} tok/s  tokens/step "
+            print(f"generate {label:11s} B={batch:3d}  {tokens / seconds:9.1f} tok/s  tokens/step "
                   f"{rows[-1]['tokens_per_step']:.2f}", flush=True)
         if args.transformers and batch == 1:
             try:

@@ -48,11 +48,13 @@ def goals(towers: dict, kernels: dict) -> list[tuple[str, str, str, bool | None]
         rows.append((label, "<= 1.25x floor", f"{ms:.3f} ms ({how}) / floor {r['floor_ms']:.3f} ms = "
                      f"{ms / r['floor_ms']:.2f}x", ms / r["floor_ms"] <= 1.25))
     generation = {(g["mode"], g["batch"]): g for g in towers.get("generation", [])}
-    ours, theirs = generation.get(("ar", 1)), generation.get(("transformers-ar", 1))
+    ours = max((g for g in (generation.get(("ar", 1)), generation.get(("ar-graphs", 1))) if g and "tokens_per_s" in g),
+               key=lambda g: g["tokens_per_s"], default=None)
+    theirs = generation.get(("transformers-ar", 1))
     if ours and theirs and "tokens_per_s" in theirs:
         ratio = ours["tokens_per_s"] / theirs["tokens_per_s"]
-        rows.append(("AR mode vs transformers greedy, batch 1", ">= 2x", f"{ours['tokens_per_s']:.1f} / "
-                     f"{theirs['tokens_per_s']:.1f} tok/s = {ratio:.2f}x", ratio >= 2))
+        rows.append(("AR mode vs transformers greedy, batch 1", ">= 2x", f"{ours['tokens_per_s']:.1f} "
+                     f"({ours['mode']}) / {theirs['tokens_per_s']:.1f} tok/s = {ratio:.2f}x", ratio >= 2))
     else:
         why = (theirs or {}).get("error", "not measured")
         rows.append(("AR mode vs transformers greedy, batch 1", ">= 2x", why[:80], None))
@@ -94,8 +96,8 @@ def print_summary(towers: dict, kernels: dict) -> None:
         print(f"  {r['step']:10s} B={r['batch']:3d} ctx={r['context']:6d} eager {r['ms']:8.3f} {graph} "
               f"floor {r['floor_ms']:8.3f} ms")
     for g in towers.get("generation", []):
-        if "tokens_per_s" in g:
-            print(f"  generate {g['mode']:15s} B={g['batch']:3d} {g['tokens_per_s']:9.1f} tok/s")
+        rate = f"{g['tokens_per_s']:9.1f} tok/s" if "tokens_per_s" in g else g.get("error", "")[:90]
+        print(f"  generate {g['mode']:15s} B={g['batch']:3d} {rate}")
 
 
 def plot(towers: dict, path: Path) -> None:

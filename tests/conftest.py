@@ -42,11 +42,11 @@ def all_kinds_dir(tmp_path_factory):
                                  hybrid_override_pattern="M*E-ME*M", chunk_size=8)
 
 
-def load_towers(directory, dtype=torch.float32):
+def load_towers(directory, dtype=torch.float32, device="cpu"):
     """(cfg, context weights, denoiser weights) of a TwoTower checkpoint."""
     cfg = load_config(directory)
     reader = CheckpointReader(directory)
     layout, on_disk = resolve_keys(reader, cfg, ("context", "denoiser"))
-    ctx = load_tower_weights(reader, cfg, "context", dtype, layout=layout, on_disk=on_disk)
-    den = load_tower_weights(reader, cfg, "denoiser", dtype, layout=layout, on_disk=on_disk)
+    ctx = load_tower_weights(reader, cfg, "context", dtype, device, layout=layout, on_disk=on_disk)
+    den = load_tower_weights(reader, cfg, "denoiser", dtype, device, layout=layout, on_disk=on_disk)
     return cfg, ctx, den

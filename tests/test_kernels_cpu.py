@@ -138,6 +138,25 @@ def test_block_attention_ref_against_brute_force():
         assert torch.equal(untouched, kc)
 
 
+def test_block_attention_ref_device_lengths_form():
+    """The form used under CUDA-graph capture (lengths never read back: the whole capacity masked,
+    the new K/V scattered on the device) equals the host-lengths form: same cache writes, outputs
+    to fp32 rounding (the softmax runs over more, masked, slots)."""
+    from trtllm_twotower.plugins.reference import _block_attention
+
+    gen = torch.Generator().manual_seed(2)
+    B, L, H, K, P, S = 3, 4, 4, 2, 8, 20
+    lens = torch.tensor([0, 9, 16])
+    q, k, v = (torch.randn(B, L, n, P, generator=gen) for n in (H, K, K))
+    kc, vc = torch.randn(B, S, K, P, generator=gen), torch.randn(B, S, K, P, generator=gen)
+    for causal in (True, False):
+        host_k, host_v, dev_k, dev_v = kc.clone(), vc.clone(), kc.clone(), vc.clone()
+        host = block_attention_ref(q, k, v, host_k, host_v, lens, causal, write_cache=True)
+        dev = _block_attention(q, k, v, dev_k, dev_v, lens, S - L, causal, write_cache=True, host_writes=False)
+        assert torch.equal(dev_k, host_k) and torch.equal(dev_v, host_v)
+        assert (dev - host).abs().max() < 1e-6 * host.abs().max()
+
+
 def test_seeded_scan_ref_multi_token_equals_token_by_token():
     gen = torch.Generator().manual_seed(1)
     B, L, H, P, G, N, W = 2, 6, 4, 8, 2, 16, 4

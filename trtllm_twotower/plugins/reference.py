@@ -36,18 +36,29 @@ def block_attention_ref(
     caller advances its lengths); False leaves the cache untouched (the denoiser is read-only).
     GQA: query head h reads kv head h // (H // K). No positional encoding (NoPE).
     Scores and softmax in fp32, scale 1/sqrt(P); probabilities @ V in fp32, one rounding at the end.
+    Lengths on the host (the runtime's eager path) cut the cache at the longest row and are read
+    there; lengths on the device (CUDA-graph capture) are never read back: the whole capacity is
+    masked and the new K/V scattered to their positions on the device.
     """
+    on_host = cache_lens.device.type == "cpu"
+    max_len = (int(cache_lens.max()) if q.shape[0] else 0) if on_host else k_cache.shape[1] - q.shape[1]
+    return _block_attention(q, k, v, k_cache, v_cache, cache_lens, max_len, causal, write_cache, on_host)
+
+
+def _block_attention(q, k, v, k_cache, v_cache, cache_lens, max_len: int, causal: bool, write_cache: bool,
+                     host_writes: bool) -> torch.Tensor:
+    """``block_attention_ref`` over the cache prefix [0, max_len) (max_len >= every row's length);
+    ``host_writes``: append the new K/V by host-side slices (else by a scatter on the device)."""
     B, L, H, P = q.shape
     K = k.shape[2]
-    lens = cache_lens.to(torch.long).cpu()
-    max_len = int(lens.max()) if B else 0
-    # 1. keys/values seen by the chunk: the cache prefix (padded to the longest row) ‖ the chunk
+    lens = upload(cache_lens.to(torch.long), q.device)  # [B]
+    # 1. keys/values seen by the chunk: the cache prefix (padded to max_len) ‖ the chunk
     keys = torch.cat([k_cache[:, :max_len].float(), k.float()], dim=1)  # [B, max_len + L, K, P]
     values = torch.cat([v_cache[:, :max_len].float(), v.float()], dim=1)
     # 2. mask: cache slot s valid iff s < len_b; chunk key i visible to query j iff i <= j (causal);
-    # built on q's device from the uploaded lengths (a host-built mask would be a synchronising copy)
+    # built on q's device (a host-built mask would be a synchronising copy)
     slot = torch.arange(max_len, device=q.device)
-    cache_ok = (slot[None, :] < upload(lens, q.device)[:, None])[:, None, :].expand(B, L, max_len)  # [B, L, max_len]
+    cache_ok = (slot[None, :] < lens[:, None])[:, None, :].expand(B, L, max_len)  # [B, L, max_len]
     chunk_ok = torch.ones(L, L, dtype=torch.bool, device=q.device)
     if causal:
         chunk_ok = torch.tril(chunk_ok)
@@ -62,11 +73,15 @@ def block_attention_ref(
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("bhls,bshp->blhp", probs, values)  # [B, L, H, P]
     # 5. append the chunk's K/V to the cache (context tower only)
-    if write_cache:
+    if write_cache and host_writes:
         for b in range(B):
-            start = int(lens[b])
+            start = int(cache_lens[b])
             k_cache[b, start : start + L] = k[b].to(k_cache.dtype)
             v_cache[b, start : start + L] = v[b].to(v_cache.dtype)
+    elif write_cache:
+        where = (lens[:, None] + torch.arange(L, device=q.device))[:, :, None, None].expand(B, L, K, P)
+        k_cache.scatter_(1, where, k.to(k_cache.dtype))
+        v_cache.scatter_(1, where, v.to(v_cache.dtype))
     return out.to(q.dtype)
 
 

@@ -8,10 +8,13 @@ what changed since the last block: the new K/V positions and the Mamba states.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ..network import towers
 from ..network.ops import TorchOps
+from .graphs import DecodeGraph
 
 
 class StateMirror:
@@ -53,13 +56,26 @@ def check_capacity(state, new_tokens: int) -> None:
         raise ValueError(f"cache capacity {state.capacity} exceeded: {longest} + {new_tokens} tokens")
 
 
+GRAPH_MODES = ("off", "on", "emulate")
+
+
 class TorchExecutor:
-    """Eager torch towers. ``den_weights`` may be None (a Nano checkpoint: AR mode only)."""
+    """Eager torch towers. ``den_weights`` may be None (a Nano checkpoint: AR mode only).
+
+    ``graphs`` (default: $TWOTOWER_CUDA_GRAPHS, else "off"): "on" replays the AR step from a CUDA
+    graph on a CUDA context device (``graphs.DecodeGraph``; off until verified on a GPU);
+    "emulate" runs the graph's static-buffer plumbing without capture (tests, any device)."""
 
     modes = ("diffusion", "speculative", "mock-ar", "ar")
 
     def __init__(self, cfg, ctx_weights: dict, den_weights: dict | None, dtype: torch.dtype,
-                 context_device: torch.device, denoiser_device: torch.device):
+                 context_device: torch.device, denoiser_device: torch.device, graphs: str | None = None):
+        graphs = graphs or os.environ.get("TWOTOWER_CUDA_GRAPHS", "off")
+        if graphs not in GRAPH_MODES:
+            raise ValueError(f"graphs: expected one of {', '.join(GRAPH_MODES)}, got {graphs!r} "
+                             f"(from TWOTOWER_CUDA_GRAPHS?)")
+        self.graphs = graphs
+        self._decode_graph: DecodeGraph | None = None
         self.cfg = cfg
         self.dtype = dtype
         self.context_device = context_device
@@ -93,6 +109,21 @@ class TorchExecutor:
         check_capacity(state, tokens.shape[1])
         return towers.context_forward(self.ctx_ops, self.cfg, self.ctx_weights, state, tokens, logits=logits,
                                       trace=trace)
+
+    @torch.inference_mode()
+    def decode(self, state, tokens: torch.Tensor):
+        """The AR step: tokens [B, 1] -> (fp32 logits [B, 1, V], new state). With graphs on, the
+        step is replayed from a CUDA graph and the Mamba states are updated in place: ``state`` is
+        not valid afterwards (callers keep only the new one)."""
+        use_graph = self.graphs == "emulate" or (self.graphs == "on" and self.context_device.type == "cuda")
+        if not use_graph:
+            return self.extend(state, tokens, logits=True)
+        check_capacity(state, tokens.shape[1])
+        if self._decode_graph is None or not self._decode_graph.serves(state):
+            self._decode_graph = None  # free the old graph's memory before capturing the new batch
+            self._decode_graph = DecodeGraph(self.ctx_ops, self.cfg, self.ctx_weights, state,
+                                             capture=self.graphs == "on")
+        return self._decode_graph.run(state, tokens)
 
     @torch.inference_mode()
     def rollback(self, state, keep: torch.Tensor):

@@ -185,13 +185,15 @@ class Lane:
             r = self.rows[i]
             r.emit(r, append_tokens(r, tokens))
 
-    def _extend(self, rows: list[int], tokens: torch.Tensor, *, logits: bool, trace: bool = False):
+    def _extend(self, rows: list[int], tokens: torch.Tensor, *, logits: bool, trace: bool = False,
+                decode: bool = False):
         """The context extend of the rows at ``rows`` only (the others are mid-block). Returns
-        (logits, the new state of those rows); ``_merge`` writes it back."""
+        (logits, the new state of those rows); ``_merge`` writes it back. ``decode``: the AR step
+        (``executor.decode``, which may reuse the old state's buffers: the lane keeps no old state)."""
         ex = self.executor
         whole = rows == list(range(len(self.rows)))
         sub = self.state if whole else ex.select(self.state, rows)
-        out, new = ex.extend(sub, tokens, logits=logits, trace=trace)
+        out, new = ex.decode(sub, tokens) if decode else ex.extend(sub, tokens, logits=logits, trace=trace)
         for i in rows:
             self.rows[i].out.context_forwards += 1
         return out, new
@@ -405,7 +407,10 @@ class TokenLane(Lane):
         self._keep(keep)
         if not self.rows:
             return
-        logits, state = self._extend(list(range(len(self.rows))), tokens, logits=not self.mock_ar)
+        # AR keeps no older state (the executor may replay the step as a CUDA graph); mock-AR keeps
+        # the state before the last token for its head
+        logits, state = self._extend(list(range(len(self.rows))), tokens, logits=not self.mock_ar,
+                                     decode=not self.mock_ar)
         if self.mock_ar:
             self.before, self.last = self.state, tokens
         else:

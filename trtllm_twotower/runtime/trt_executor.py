@@ -106,6 +106,10 @@ class TrtExecutor:
             ssm={i: out[f"present_ssm_state_{i}"] for i in state.ssm})
         return (out["last_logits"][:, None] if logits else None), new_state
 
+    def decode(self, state, tokens: torch.Tensor):
+        """The AR step (the engine's own runtime decides about graphs)."""
+        return self.extend(state, tokens, logits=True)
+
     def rollback(self, state, keep):
         raise NotImplementedError("speculative mode needs per-position states: use the torch backend")
 

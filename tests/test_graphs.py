@@ -1,0 +1,94 @@
+"""The AR step's CUDA-graph plumbing (``runtime/graphs.py``), run without capture on the CPU.
+
+``graphs="emulate"`` keeps every static buffer, the in-place Mamba state update, the copy-in of a
+state made elsewhere and the re-capture when the batch changes, but calls the step instead of
+replaying it; its tokens must equal the eager executor's exactly, through rows joining and leaving.
+Capture itself needs a GPU: ``tests/test_gpu_runtime.py`` compares captured replays with eager.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import load_towers
+from trtllm_twotower.runtime import graphs
+from trtllm_twotower.runtime.executor import TorchExecutor
+from trtllm_twotower.runtime.sampler import SamplerSettings
+from trtllm_twotower.runtime.scheduler import Scheduler
+
+
+def _generate_staggered(executor, cfg, requests):
+    """Submit each (prompt, max_new_tokens, temperature, seed) after ``delay`` scheduler steps;
+    rows finish at different times, so the AR batch changes while it runs."""
+    scheduler = Scheduler(executor, cfg, max_batch=8)
+    tickets, step = [], 0
+    pending = sorted(requests, key=lambda r: r[-1])
+    while pending or any(not t.done.is_set() for t in tickets):
+        while pending and pending[0][-1] <= step:
+            prompt, new_tokens, temperature, seed, _ = pending.pop(0)
+            settings = SamplerSettings(new_tokens, 16, 16, 0.8, temperature, 0, 0.95 if temperature else 1.0,
+                                       cfg.mask_token_id, None)
+            tickets.append(scheduler.submit("ar", [prompt], settings, [seed]))
+        scheduler.step()
+        step += 1
+    return [t.rows[0].out.tokens for t in tickets]
+
+
+def test_emulated_graph_steps_equal_eager_steps(all_kinds_dir, monkeypatch):
+    cfg, ctx, den = load_towers(all_kinds_dir)
+    gen = torch.Generator().manual_seed(8)
+    requests = [(torch.randint(4, cfg.vocab_size, (n,), generator=gen).tolist(), new, temp, seed, delay)
+                for n, new, temp, seed, delay in [(7, 12, 0.0, 1, 0), (3, 5, 0.9, 2, 0), (12, 9, 0.0, 3, 2),
+                                                  (5, 14, 1.2, 4, 4), (9, 3, 0.0, 5, 6)]]
+    captures = []
+    original = graphs.DecodeGraph.__init__
+
+    def counting(self, *args, **kwargs):
+        captures.append(args[3].batch)  # the state's batch
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(graphs.DecodeGraph, "__init__", counting)
+    cpu = torch.device("cpu")
+    eager = _generate_staggered(TorchExecutor(cfg, ctx, den, torch.float32, cpu, cpu, graphs="off"), cfg, requests)
+    assert captures == []
+    emulated = _generate_staggered(TorchExecutor(cfg, ctx, den, torch.float32, cpu, cpu, graphs="emulate"), cfg,
+                                   requests)
+    assert emulated == eager
+    assert [len(t) for t in eager] == [12, 5, 9, 14, 3]
+    assert len(captures) >= 4 and max(captures) >= 3  # a new graph each time the batch changed
+
+
+def test_graph_mode_is_checked(all_kinds_dir, monkeypatch):
+    cfg, ctx, den = load_towers(all_kinds_dir)
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TWOTOWER_CUDA_GRAPHS", "yes")
+    with pytest.raises(ValueError, match="graphs: expected one of off, on, emulate, got 'yes'"):
+        TorchExecutor(cfg, ctx, den, torch.float32, cpu, cpu)
+    monkeypatch.setenv("TWOTOWER_CUDA_GRAPHS", "on")  # on a CPU device: eager, no graph
+    executor = TorchExecutor(cfg, ctx, den, torch.float32, cpu, cpu)
+    state, logits = executor.prefill([[5, 6, 7]], 8)
+    _, new = executor.decode(state, logits.argmax(-1, keepdim=True))
+    assert executor._decode_graph is None and int(new.lengths[0]) == 4
+
+
+def test_a_state_made_elsewhere_is_copied_in(all_kinds_dir):
+    """Graph, then an eager extend on the same K/V buffers (fresh Mamba states), then the graph
+    again: the fresh states must be copied into the graph's buffers, not ignored."""
+    cfg, ctx, den = load_towers(all_kinds_dir)
+    cpu = torch.device("cpu")
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(4, cfg.vocab_size, (n,), generator=gen).tolist() for n in (6, 10)]
+    block = torch.randint(4, cfg.vocab_size, (2, 3), generator=gen)
+    outputs = []
+    for mode in ("off", "emulate"):
+        executor = TorchExecutor(cfg, ctx, den, torch.float32, cpu, cpu, graphs=mode)
+        state, logits = executor.prefill(prompts, 24)
+        tokens = []
+        for step in range(6):
+            if step == 3:  # an eager multi-token extend in between
+                _, state = executor.extend(state, block, logits=False)
+            logits, state = executor.decode(state, (logits if step == 0 else logits[:, -1]).argmax(-1)[:, None])
+            tokens.append(logits[:, -1].argmax(-1).tolist())
+        outputs.append(tokens)
+    assert outputs[0] == outputs[1]
