@@ -7,9 +7,11 @@ length, and times on the torch backend:
   ar_token    one context-tower token with logits (the AR step)
   extend16    a 16-token context extend without logits (after each committed block)
   denoise16   a 16-token denoiser step (all masked: t = 1)
-  generate    end-to-end generation per mode (diffusion, mock-ar, ar) and transformers' greedy AR
+  generate    end-to-end generation per mode (ar, diffusion, speculative, mock-ar) and transformers' greedy AR
 Each step's floor = (dense weights read + the distinct experts it actually routed + K/V and Mamba
-state traffic) / measured device copy bandwidth. Results: one JSON (device, date, commit, numbers).
+state traffic) / measured device copy bandwidth. With --graphs every step is also timed as a
+CUDA-graph replay and every mode also run with the executor's graphs on ("<mode>-graphs").
+Results: one JSON (device, date, commit, numbers), saved after every shape and every mode.
 
     python bench/bench_towers.py --out bench/results/h100.json           # on a GPU
     python bench/bench_towers.py --smoke --out /tmp/smoke.json           # CPU: tiny config, checks the harness
@@ -199,15 +201,16 @@ def run_scheduled(executor, cfg, mode, prompts, settings, device):
     return [r.out for r in ticket.rows], time.perf_counter() - start
 
 
-def time_generation(cfg, raw, ctx_w, den_w, dtype, device, args) -> list[dict]:
+def time_generation(cfg, raw, ctx_w, den_w, dtype, device, args, rows: list, save) -> None:
+    """End to end per mode (and per mode with CUDA graphs, with --graphs), appended to ``rows``
+    and saved after each."""
     executors = {"off": TorchExecutor(cfg, ctx_w, den_w, dtype, device, device, graphs="off")}
-    if args.graphs:  # AR replayed from CUDA graphs (on the CPU the same plumbing, uncaptured: the smoke run)
+    if args.graphs:  # steps replayed from CUDA graphs (on the CPU the same plumbing, uncaptured: the smoke run)
         graphs = "on" if device.type == "cuda" else "emulate"
         executors[graphs] = TorchExecutor(cfg, ctx_w, den_w, dtype, device, device, graphs=graphs)
-    runs = [(mode, "off") for mode in ("diffusion", "speculative", "mock-ar", "ar")] + \
-        [("ar", graphs) for graphs in executors if graphs != "off"]
+    modes = ("ar", "diffusion", "speculative", "mock-ar")
+    runs = [(mode, graphs) for graphs in executors for mode in modes]
     gen = torch.Generator().manual_seed(1)
-    rows = []
     for batch in args.gen_batches:
         prompts = [torch.randint(4, cfg.vocab_size, (args.gen_prompt,), generator=gen).tolist() for _ in range(batch)]
         for mode, graphs in runs:
@@ -223,6 +226,7 @@ def time_generation(cfg, raw, ctx_w, den_w, dtype, device, args) -> list[dict]:
                 rows.append({"mode": label, "batch": batch, "graphs": graphs, "error": f"{type(error).__name__}: "
                              f"{error}"[:300]})
                 print(f"generate {label:11s} B={batch:3d}  {rows[-1]['error']}", flush=True)
+                save()
                 continue
             tokens = sum(len(o.tokens) for o in outputs)
             steps = sum(o.steps for o in outputs)
@@ -232,17 +236,19 @@ def time_generation(cfg, raw, ctx_w, den_w, dtype, device, args) -> list[dict]:
                          "tokens_per_step": tokens / max(1, steps), "forwards_per_token": forwards / max(1, tokens)})
             print(f"generate {label:11s} B={batch:3d}  {tokens / seconds:9.1f} tok/s  tokens/step "
                   f"{rows[-1]['tokens_per_step']:.2f}", flush=True)
+            save()
         if args.transformers and batch == 1:
             try:
                 seconds = time_transformers(raw, ctx_w, dtype, device, prompts, args.gen_tokens)
             except Exception as error:  # noqa: BLE001 - the installed transformers may lack NemotronH
                 rows.append({"mode": "transformers-ar", "batch": 1, "error": f"{type(error).__name__}: {error}"[:300]})
                 print(f"generate transformers-ar: {rows[-1]['error']}", flush=True)
+                save()
                 continue
             rows.append({"mode": "transformers-ar", "batch": 1, "tokens_per_s": args.gen_tokens / seconds,
                          "seconds": seconds, "tokens_per_step": 1.0})
             print(f"generate transformers-ar B=  1  {args.gen_tokens / seconds:9.1f} tok/s", flush=True)
-    return rows
+            save()
 
 
 def time_transformers(raw, ctx_w, dtype, device, prompts, new_tokens: int) -> float:
@@ -325,7 +331,7 @@ def main(argv=None) -> int:
             result["steps"] += time_steps(cfg, ctx_w, den_w, dtype, device, b, c, args, bandwidth)
             save()
     if args.towers == "both":
-        result["generation"] = time_generation(cfg, raw, ctx_w, den_w, dtype, device, args)
+        time_generation(cfg, raw, ctx_w, den_w, dtype, device, args, result["generation"], save)
     result["complete"] = True
     save()
     return 0

@@ -73,10 +73,10 @@ def test_a_step_synchronises_once_on_cuda(demo_dir, monkeypatch, mode, kernels):
 
 
 @pytest.mark.parametrize("kernels", ["on", "off"])
-def test_cuda_graph_ar_steps_match_eager(all_kinds_dir, monkeypatch, kernels):
-    """AR steps replayed from a captured CUDA graph (bf16: the grouped-GEMM MoE; fp32 takes the
-    spec's per-expert loop, which reads the routed ids back) give the eager steps' logits on the
-    same tokens, also after the batch changed (a row left: a new capture); a replayed step
+def test_cuda_graph_steps_match_eager(all_kinds_dir, monkeypatch, kernels):
+    """AR and denoiser steps replayed from captured CUDA graphs (bf16: the grouped-GEMM MoE; fp32
+    takes the spec's per-expert loop, which reads the routed ids back) give the eager steps' logits
+    on the same inputs, also after the batch changed (a row left: a new capture); a replayed AR step
     synchronises once (its tokens). Not bit for bit: under capture attention masks the whole
     capacity (the lengths stay on the device), eager cuts it at the longest row."""
     from conftest import load_towers
@@ -95,19 +95,28 @@ def test_cuda_graph_ar_steps_match_eager(all_kinds_dir, monkeypatch, kernels):
     gen = torch.Generator().manual_seed(8)
     prompts = [torch.randint(4, cfg.vocab_size, (n,), generator=gen).tolist() for n in (7, 3, 12)]
     forced = torch.randint(4, cfg.vocab_size, (3, 10), generator=gen).to(cuda)
+    blocks = torch.randint(4, cfg.vocab_size, (4, 3, 8), generator=gen).to(cuda)
+    blocks[blocks % 3 == 0] = cfg.mask_token_id
     runs = {}
     for graphs in ("off", "on"):
         executor = TorchExecutor(cfg, ctx, den, torch.bfloat16, cuda, cuda, graphs=graphs)
-        state, _ = executor.prefill(prompts, 32)
-        steps = []
+        state, _ = executor.prefill(prompts, 40)
+        steps, rows = [], forced
         for j in range(10):
             if j == 5:  # the middle row leaves
-                state, forced = executor.select(state, [0, 2]), forced[[0, 2]]
-            logits, state = executor.decode(state, forced[:, j : j + 1])
+                state, rows = executor.select(state, [0, 2]), forced[[0, 2]]
+            if j in (2, 7):  # denoiser steps over the current context (captured on the second sight)
+                for block in blocks[:, : state.batch]:
+                    t = (block == cfg.mask_token_id).float().mean(-1)
+                    steps.append(executor.denoise(state, block, t).float())
+            logits, state = executor.decode(state, rows[:, j : j + 1])
             steps.append(logits[:, -1].float())
         runs[graphs] = steps
         if graphs == "on":
-            assert executor._decode_graph.graph is not None and executor._decode_graph.tokens.shape[0] == 2
+            assert executor._ctx_graphs._graphs["decode"].graph is not None
+            assert executor._ctx_graphs._graphs["decode"].ids.shape[0] == 2
+            assert executor._den_graphs._graphs["denoise"].graph is not None
+    assert len(runs["off"]) == len(runs["on"]) == 18
     for eager, replayed in zip(runs["off"], runs["on"]):
         assert (replayed - eager).norm() / eager.norm() < 2e-2
     rows = _rows("ar", cfg, [0.0, 0.7], steps_per_block=1, threshold=0.5, gen=torch.Generator().manual_seed(5))

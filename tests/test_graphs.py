@@ -1,9 +1,10 @@
-"""The AR step's CUDA-graph plumbing (``runtime/graphs.py``), run without capture on the CPU.
+"""The CUDA-graph plumbing of the AR and denoiser steps (``runtime/graphs.py``), without capture.
 
-``graphs="emulate"`` keeps every static buffer, the in-place Mamba state update, the copy-in of a
-state made elsewhere and the re-capture when the batch changes, but calls the step instead of
-replaying it; its tokens must equal the eager executor's exactly, through rows joining and leaving.
-Capture itself needs a GPU: ``tests/test_gpu_runtime.py`` compares captured replays with eager.
+``graphs="emulate"`` keeps every static buffer, the AR step's in-place Mamba state update, the
+copy-in of a state made elsewhere (the denoiser: once per block), the capture on a batch's second
+sight and the new graph when the batch changes, but calls the step instead of replaying it; every
+mode's tokens must equal the eager executor's exactly, through rows joining and leaving. Capture
+itself needs a GPU: ``tests/test_gpu_runtime.py`` compares captured replays with eager steps.
 """
 
 from __future__ import annotations
@@ -18,45 +19,49 @@ from trtllm_twotower.runtime.sampler import SamplerSettings
 from trtllm_twotower.runtime.scheduler import Scheduler
 
 
-def _generate_staggered(executor, cfg, requests):
-    """Submit each (prompt, max_new_tokens, temperature, seed) after ``delay`` scheduler steps;
-    rows finish at different times, so the AR batch changes while it runs."""
+def _generate_staggered(executor, cfg, requests, mode="ar"):
+    """Submit each (prompt, max_new_tokens, temperature, seed, delay) after ``delay`` scheduler
+    steps; rows finish at different times, so the batch changes while it runs."""
     scheduler = Scheduler(executor, cfg, max_batch=8)
     tickets, step = [], 0
     pending = sorted(requests, key=lambda r: r[-1])
     while pending or any(not t.done.is_set() for t in tickets):
         while pending and pending[0][-1] <= step:
             prompt, new_tokens, temperature, seed, _ = pending.pop(0)
-            settings = SamplerSettings(new_tokens, 16, 16, 0.8, temperature, 0, 0.95 if temperature else 1.0,
+            settings = SamplerSettings(new_tokens, 8, 4, 0.3, temperature, 0, 0.95 if temperature else 1.0,
                                        cfg.mask_token_id, None)
-            tickets.append(scheduler.submit("ar", [prompt], settings, [seed]))
+            tickets.append(scheduler.submit(mode, [prompt], settings, [seed]))
         scheduler.step()
         step += 1
     return [t.rows[0].out.tokens for t in tickets]
 
 
-def test_emulated_graph_steps_equal_eager_steps(all_kinds_dir, monkeypatch):
+@pytest.mark.parametrize("mode", ["ar", "diffusion", "speculative", "mock-ar"])
+def test_emulated_graph_steps_equal_eager_steps(all_kinds_dir, monkeypatch, mode):
     cfg, ctx, den = load_towers(all_kinds_dir)
     gen = torch.Generator().manual_seed(8)
     requests = [(torch.randint(4, cfg.vocab_size, (n,), generator=gen).tolist(), new, temp, seed, delay)
-                for n, new, temp, seed, delay in [(7, 12, 0.0, 1, 0), (3, 5, 0.9, 2, 0), (12, 9, 0.0, 3, 2),
-                                                  (5, 14, 1.2, 4, 4), (9, 3, 0.0, 5, 6)]]
-    captures = []
-    original = graphs.DecodeGraph.__init__
+                for n, new, temp, seed, delay in [(7, 20, 0.0, 1, 0), (3, 9, 0.9, 2, 0), (12, 17, 0.0, 3, 3),
+                                                  (5, 26, 1.2, 4, 5), (9, 5, 0.0, 5, 9)]]
+    built = []
+    original = graphs.StepGraph.__init__
 
-    def counting(self, *args, **kwargs):
-        captures.append(args[3].batch)  # the state's batch
-        original(self, *args, **kwargs)
+    def counting(self, forward, state, ids, t, device, capture, owns_state):
+        built.append(("decode" if owns_state else "denoise", state.batch))
+        original(self, forward, state, ids, t, device, capture, owns_state)
 
-    monkeypatch.setattr(graphs.DecodeGraph, "__init__", counting)
+    monkeypatch.setattr(graphs.StepGraph, "__init__", counting)
     cpu = torch.device("cpu")
-    eager = _generate_staggered(TorchExecutor(cfg, ctx, den, torch.float32, cpu, cpu, graphs="off"), cfg, requests)
-    assert captures == []
+    eager = _generate_staggered(TorchExecutor(cfg, ctx, den, torch.float32, cpu, cpu, graphs="off"), cfg, requests,
+                                mode)
+    assert built == []
     emulated = _generate_staggered(TorchExecutor(cfg, ctx, den, torch.float32, cpu, cpu, graphs="emulate"), cfg,
-                                   requests)
+                                   requests, mode)
     assert emulated == eager
-    assert [len(t) for t in eager] == [12, 5, 9, 14, 3]
-    assert len(captures) >= 4 and max(captures) >= 3  # a new graph each time the batch changed
+    assert [len(t) for t in eager] == [20, 9, 17, 26, 5]
+    kind = "decode" if mode == "ar" else "denoise"
+    assert {k for k, _ in built} == {kind}  # AR graphs the context step; the others the denoiser step
+    assert len(built) >= 3 and max(b for _, b in built) >= 3  # a new graph as the batch changed
 
 
 def test_graph_mode_is_checked(all_kinds_dir, monkeypatch):
@@ -69,7 +74,7 @@ def test_graph_mode_is_checked(all_kinds_dir, monkeypatch):
     executor = TorchExecutor(cfg, ctx, den, torch.float32, cpu, cpu)
     state, logits = executor.prefill([[5, 6, 7]], 8)
     _, new = executor.decode(state, logits.argmax(-1, keepdim=True))
-    assert executor._decode_graph is None and int(new.lengths[0]) == 4
+    assert executor._ctx_graphs is None and executor._den_graphs is None and int(new.lengths[0]) == 4
 
 
 def test_a_state_made_elsewhere_is_copied_in(all_kinds_dir):
@@ -92,3 +97,25 @@ def test_a_state_made_elsewhere_is_copied_in(all_kinds_dir):
             tokens.append(logits[:, -1].argmax(-1).tolist())
         outputs.append(tokens)
     assert outputs[0] == outputs[1]
+
+
+def test_denoiser_graph_sees_a_state_changed_in_place(all_kinds_dir):
+    """AR steps from a graph update the Mamba states in place; a denoiser graph over that same
+    state must copy it in again rather than trust that it copied that tensor before."""
+    cfg, ctx, den = load_towers(all_kinds_dir)
+    cpu = torch.device("cpu")
+    gen = torch.Generator().manual_seed(10)
+    prompts = [torch.randint(4, cfg.vocab_size, (n,), generator=gen).tolist() for n in (4, 9)]
+    block = torch.full((2, 8), cfg.mask_token_id)
+    t = torch.ones(2)
+    results = []
+    for mode in ("off", "emulate"):
+        executor = TorchExecutor(cfg, ctx, den, torch.float32, cpu, cpu, graphs=mode)
+        state, logits = executor.prefill(prompts, 24)
+        outs = []
+        for _ in range(5):  # decode graph from the 2nd step on, denoise graph from its 2nd call on
+            outs.append(executor.denoise(state, block, t))
+            logits, state = executor.decode(state, logits.reshape(2, -1)[:, -cfg.vocab_size:].argmax(-1)[:, None])
+        results.append(outs)
+    for eager, emulated in zip(*results):
+        assert torch.equal(eager, emulated)

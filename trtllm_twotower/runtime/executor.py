@@ -14,7 +14,7 @@ import torch
 
 from ..network import towers
 from ..network.ops import TorchOps
-from .graphs import DecodeGraph
+from .graphs import GraphCache
 
 
 class StateMirror:
@@ -62,9 +62,9 @@ GRAPH_MODES = ("off", "on", "emulate")
 class TorchExecutor:
     """Eager torch towers. ``den_weights`` may be None (a Nano checkpoint: AR mode only).
 
-    ``graphs`` (default: $TWOTOWER_CUDA_GRAPHS, else "off"): "on" replays the AR step from a CUDA
-    graph on a CUDA context device (``graphs.DecodeGraph``; off until verified on a GPU);
-    "emulate" runs the graph's static-buffer plumbing without capture (tests, any device)."""
+    ``graphs`` (default: $TWOTOWER_CUDA_GRAPHS, else "off"): "on" replays the AR step and the
+    denoiser step from CUDA graphs on CUDA devices (``runtime/graphs.py``; off until verified on a
+    GPU); "emulate" runs the graphs' static-buffer plumbing without capture (tests, any device)."""
 
     modes = ("diffusion", "speculative", "mock-ar", "ar")
 
@@ -75,7 +75,6 @@ class TorchExecutor:
             raise ValueError(f"graphs: expected one of {', '.join(GRAPH_MODES)}, got {graphs!r} "
                              f"(from TWOTOWER_CUDA_GRAPHS?)")
         self.graphs = graphs
-        self._decode_graph: DecodeGraph | None = None
         self.cfg = cfg
         self.dtype = dtype
         self.context_device = context_device
@@ -85,6 +84,15 @@ class TorchExecutor:
         self.ctx_ops = TorchOps(dtype, context_device)
         self.den_ops = TorchOps(dtype, denoiser_device)
         self._mirror = StateMirror(denoiser_device) if denoiser_device != context_device else None
+        self._ctx_graphs = self._graph_cache(context_device)
+        self._den_graphs = self._graph_cache(denoiser_device)
+
+    def _graph_cache(self, device: torch.device) -> GraphCache | None:
+        if self.graphs == "emulate":
+            return GraphCache(device, capture=False)
+        if self.graphs == "on" and device.type == "cuda":
+            return GraphCache(device, capture=True)
+        return None
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], capacity: int):
@@ -115,15 +123,18 @@ class TorchExecutor:
         """The AR step: tokens [B, 1] -> (fp32 logits [B, 1, V], new state). With graphs on, the
         step is replayed from a CUDA graph and the Mamba states are updated in place: ``state`` is
         not valid afterwards (callers keep only the new one)."""
-        use_graph = self.graphs == "emulate" or (self.graphs == "on" and self.context_device.type == "cuda")
-        if not use_graph:
+        graph = None if self._ctx_graphs is None else self._ctx_graphs.get(
+            "decode", self._decode_forward, state, tokens, None, owns_state=True)
+        if graph is None:
             return self.extend(state, tokens, logits=True)
         check_capacity(state, tokens.shape[1])
-        if self._decode_graph is None or not self._decode_graph.serves(state):
-            self._decode_graph = None  # free the old graph's memory before capturing the new batch
-            self._decode_graph = DecodeGraph(self.ctx_ops, self.cfg, self.ctx_weights, state,
-                                             capture=self.graphs == "on")
-        return self._decode_graph.run(state, tokens)
+        logits = graph.run(state, tokens, None)
+        if self._den_graphs is not None:  # the Mamba states just changed in place
+            self._den_graphs.forget_copies()
+        return logits, graph.advanced(state, tokens.shape[1])
+
+    def _decode_forward(self, state, tokens, t):
+        return towers.context_forward(self.ctx_ops, self.cfg, self.ctx_weights, state, tokens)
 
     @torch.inference_mode()
     def rollback(self, state, keep: torch.Tensor):
@@ -144,7 +155,14 @@ class TorchExecutor:
         """block [B, L], t [B] (None: mock-AR, no time conditioning) -> fp32 logits [B, L, V]."""
         if self._mirror is not None:
             state = self._mirror.update(state)
-        return towers.denoise(self.den_ops, self.cfg, self.den_weights, state, block, t)
+        graph = None if self._den_graphs is None else self._den_graphs.get(
+            "denoise", self._denoise_forward, state, block, t, owns_state=False)
+        if graph is None:
+            return towers.denoise(self.den_ops, self.cfg, self.den_weights, state, block, t)
+        return graph.run(state, block, t)
+
+    def _denoise_forward(self, state, block, t):
+        return towers.denoise(self.den_ops, self.cfg, self.den_weights, state, block, t), None
 
     @torch.inference_mode()
     def select(self, state, rows: list[int]):

@@ -1,70 +1,88 @@
-"""The AR step as one CUDA graph: the context tower's one-token forward replayed in one launch.
+"""Steps replayed from CUDA graphs: the AR token and the denoiser step, one launch each.
 
-Eager, one token of a 52-layer tower is thousands of kernel launches, each costing host time,
-which at small batch is far above the step's memory floor. ``DecodeGraph`` captures the step once
-for a batch over that batch's own buffers and replays it for every token:
-- inputs (tokens [B, 1], lengths [B]) are copied into static buffers before each replay;
-- the K/V caches are the batch's own (attention appends the new token in place);
-- the Mamba conv and SSM states live in static buffers that the graph updates in place, so a
-  replay moves nothing else. The state a step returns therefore changes with the next step: only
-  for callers that keep no older state (the AR lane; mock-AR keeps one, so it stays eager).
-A new batch composition (a row joins or leaves: new state tensors) needs a new capture.
+Eager, one forward of a 52-layer tower is thousands of kernel launches, each costing host time,
+which at small batch is far above the step's memory floor. A ``StepGraph`` captures one forward of
+fixed shapes over one batch's buffers and replays it:
+- inputs (token ids, t, lengths) are copied into static buffers before each replay;
+- the K/V caches are the batch's own (the context tower appends to them in place), so a graph
+  serves exactly one batch composition: a row joining or leaving makes new buffers, and the
+  executor captures again once the new batch has been seen twice (rows that keep coming and going
+  run eagerly instead of capturing at every step);
+- the Mamba conv and SSM states live in static buffers. The AR step (``owns_state``) updates them in
+  place and hands them back as the new state, so a replay moves nothing else (the old state is then
+  invalid: the AR lane keeps none). The denoiser only reads them: they are copied in when the
+  context state is a different tensor from the one copied last (once per block), or after a
+  replayed AR step of the same executor changed it in place.
 
 Capture needs a step without host reads (``tests/test_host_reads.py``) and lengths on the device
-(attention then never reads them back). ``capture=False`` runs the same plumbing eagerly (the CPU
-tests check it against the plain extend; the GPU tests check the captured graph).
+(attention then never reads them back). ``capture=False`` runs the same plumbing eagerly; the CPU
+tests check it against the plain forwards, the GPU tests check captured replays.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import replace
+from typing import Callable
 
 import torch
 
 from ..devices import upload
 from ..network import towers
 
+# forward(static state, ids [B, L], t [B] or None) -> (fp32 logits, new state or None)
+Forward = Callable[[towers.TowerState, torch.Tensor, torch.Tensor | None], tuple]
 
-class DecodeGraph:
-    """One-token context steps of one batch, replayed from a CUDA graph (or run eagerly)."""
 
-    def __init__(self, ops, cfg, weights: dict, state: towers.TowerState, capture: bool):
-        self.ops, self.cfg, self.weights = ops, cfg, weights
-        self.device = ops.device
-        self.capture = capture
-        self.keys = state.keys  # the batch's K/V buffers: identify the batch this graph serves
-        self.conv = dict(state.conv)  # the state's own buffers become the static ones, updated in place
-        self.ssm = dict(state.ssm)
-        self.tokens = torch.zeros(state.batch, 1, dtype=torch.long, device=self.device)
-        self.lengths = torch.zeros(state.batch, dtype=torch.long, device=self.device)
+class StepGraph:
+    """One forward of fixed shapes over one batch's state, from a CUDA graph (or run eagerly)."""
+
+    def __init__(self, forward: Forward, state: towers.TowerState, ids: torch.Tensor, t: torch.Tensor | None,
+                 device: torch.device, capture: bool, owns_state: bool):
+        self.forward, self.device, self.capture, self.owns_state = forward, device, capture, owns_state
+        self.keys = state.keys  # the batch's K/V buffers: the batch this graph serves
+        own = (lambda d: dict(d)) if owns_state else (lambda d: {i: x.clone() for i, x in d.items()})  # noqa: E731
+        self.conv, self.ssm = own(state.conv), own(state.ssm)
+        # the tensor each static buffer was last filled from (weak: an old state is not kept alive)
+        self._sources = {name: {i: weakref.ref(x) for i, x in d.items()} for name, d in
+                         (("conv", state.conv), ("ssm", state.ssm))} if owns_state else {"conv": {}, "ssm": {}}
+        self.ids = torch.zeros_like(ids, device=device)
+        self.t = None if t is None else torch.zeros_like(t, dtype=torch.float32, device=device)
+        self.lengths = torch.zeros(state.batch, dtype=torch.long, device=device)
         self.static_state = towers.TowerState(self.lengths, state.keys, state.values, self.conv, self.ssm)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
-    def serves(self, state: towers.TowerState) -> bool:
-        """Whether ``state`` is this graph's batch (the same K/V buffers)."""
-        return (state.batch == self.tokens.shape[0] and state.keys.keys() == self.keys.keys()
-                and all(state.keys[i] is self.keys[i] for i in self.keys))
+    def serves(self, state: towers.TowerState, ids: torch.Tensor, t: torch.Tensor | None) -> bool:
+        return (tuple(ids.shape) == tuple(self.ids.shape) and (t is None) == (self.t is None)
+                and state.keys.keys() == self.keys.keys() and all(state.keys[i] is self.keys[i] for i in self.keys))
 
     def _step(self) -> torch.Tensor:
-        logits, new = towers.context_forward(self.ops, self.cfg, self.weights, self.static_state, self.tokens)
-        for i in self.conv:
-            self.conv[i].copy_(new.conv[i])
-            self.ssm[i].copy_(new.ssm[i])
+        logits, new = self.forward(self.static_state, self.ids, self.t)
+        if self.owns_state:
+            for i in self.conv:
+                self.conv[i].copy_(new.conv[i])
+                self.ssm[i].copy_(new.ssm[i])
         return logits
 
-    def run(self, state: towers.TowerState, tokens: torch.Tensor):
-        """tokens [B, 1] on top of ``state`` (this graph's batch) -> (fp32 logits [B, 1, V], new state)."""
-        for i in self.conv:  # a state from elsewhere (the prefill, an eager step) is copied in once
-            if state.conv[i] is not self.conv[i]:
-                self.conv[i].copy_(state.conv[i])
-            if state.ssm[i] is not self.ssm[i]:
-                self.ssm[i].copy_(state.ssm[i])
-        self.tokens.copy_(tokens)
+    def _copy_in(self, name: str, buffers: dict, state_tensors: dict) -> None:
+        sources = self._sources[name]
+        for i, x in state_tensors.items():
+            if x is not buffers[i] and (i not in sources or sources[i]() is not x):
+                buffers[i].copy_(x)
+                sources[i] = weakref.ref(x)
+
+    def run(self, state: towers.TowerState, ids: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        """The forward's fp32 logits for ``ids`` (and ``t``) on top of ``state`` (this graph's batch)."""
+        self._copy_in("conv", self.conv, state.conv)
+        self._copy_in("ssm", self.ssm, state.ssm)
+        self.ids.copy_(ids)
+        if t is not None:
+            self.t.copy_(t)
         self.lengths.copy_(upload(state.lengths, self.device))
         if not self.capture:
-            logits = self._step()
-        elif self.graph is None:  # the first step runs eagerly (on a side stream, as capture asks), then is captured
+            return self._step()
+        if self.graph is None:  # the first run executes eagerly on a side stream (as capture asks), then is captured
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
@@ -73,7 +91,48 @@ class DecodeGraph:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):  # recorded, not executed: the state is not advanced twice
                 self.logits = self._step()
-        else:
-            self.graph.replay()
-            logits = self.logits.clone()  # the next replay overwrites the static output
-        return logits, replace(state, lengths=state.lengths + 1, conv=self.conv, ssm=self.ssm, trace=None)
+            return logits
+        self.graph.replay()
+        return self.logits.clone()  # the next replay overwrites the static output
+
+    def forget_copies(self) -> None:
+        """Copy the state in again at the next run (its tensors were changed in place)."""
+        if not self.owns_state:
+            self._sources = {"conv": {}, "ssm": {}}
+
+    def advanced(self, state: towers.TowerState, tokens: int) -> towers.TowerState:
+        """The state after an ``owns_state`` step: the static Mamba buffers, lengths + tokens."""
+        return replace(state, lengths=state.lengths + tokens, conv=self.conv, ssm=self.ssm, trace=None)
+
+
+class GraphCache:
+    """The executor's graphs, one per kind of step, captured on the second sight of a batch."""
+
+    def __init__(self, device: torch.device, capture: bool):
+        self.device, self.capture = device, capture
+        self._graphs: dict[str, StepGraph] = {}
+        self._seen: dict[str, tuple] = {}  # kind -> the last batch run eagerly (weak K/V refs, shapes)
+
+    def forget_copies(self) -> None:
+        """A context state was changed in place (a replayed AR step): copy it in again."""
+        for graph in self._graphs.values():
+            graph.forget_copies()
+
+    def _signature(self, state, ids, t) -> tuple:
+        return (tuple(ids.shape), t is None, tuple(weakref.ref(k) for k in state.keys.values()))
+
+    def get(self, kind: str, forward: Forward, state, ids, t, owns_state: bool) -> StepGraph | None:
+        """The graph for this step, or None: run it eagerly (a batch seen for the first time)."""
+        graph = self._graphs.get(kind)
+        if graph is not None and graph.serves(state, ids, t):
+            return graph
+        signature = self._signature(state, ids, t)
+        seen = self._seen.get(kind)
+        same = seen is not None and seen[:2] == signature[:2] and len(seen[2]) == len(signature[2]) and all(
+            a() is not None and a() is b() for a, b in zip(seen[2], signature[2]))
+        if not same or not state.keys:  # without attention layers no buffer identifies the batch: stay eager
+            self._seen[kind] = signature
+            return None
+        self._graphs.pop(kind, None)  # free the old graph's memory before capturing the new batch
+        self._graphs[kind] = StepGraph(forward, state, ids, t, self.device, self.capture, owns_state)
+        return self._graphs[kind]
