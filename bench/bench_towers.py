@@ -191,14 +191,29 @@ def time_steps(cfg, ctx_w, den_w, dtype, device, batch: int, context: int, args,
 
 
 def run_scheduled(executor, cfg, mode, prompts, settings, device):
-    """One batch through a fresh scheduler, timed from submission to the last token."""
+    """One batch through a fresh scheduler, timed from submission to the last token. Returns (row
+    outputs, seconds, steady tokens/s: the rate after the first half of the output, which leaves out
+    the prefill and the graph captures a fresh batch costs; None if too few events). A failed
+    forward raises (the scheduler would otherwise just end the rows early)."""
     scheduler = Scheduler(executor, cfg, max_batch=len(prompts))
+    events = []  # (time, tokens so far)
+    emitted = [0]
+
+    def on_event(index, tokens, finished):
+        emitted[0] += len(tokens)
+        events.append((time.perf_counter(), emitted[0]))
     sync(device)
     start = time.perf_counter()
-    ticket = scheduler.submit(mode, prompts, settings, list(range(len(prompts))))
+    ticket = scheduler.submit(mode, prompts, settings, list(range(len(prompts))), on_event=on_event)
     scheduler.run_until(ticket)
     sync(device)
-    return [r.out for r in ticket.rows], time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if ticket.error is not None:
+        raise ticket.error
+    half = next((e for e in events if e[1] >= emitted[0] / 2), None)
+    steady = ((emitted[0] - half[1]) / (events[-1][0] - half[0])
+              if half is not None and events[-1][0] > half[0] else None)
+    return [r.out for r in ticket.rows], seconds, steady
 
 
 def time_generation(cfg, raw, ctx_w, den_w, dtype, device, args, rows: list, save) -> None:
@@ -221,21 +236,21 @@ def time_generation(cfg, raw, ctx_w, den_w, dtype, device, args, rows: list, sav
                                                cfg.mask_token_id, None)
             try:
                 run_scheduled(executors[graphs], cfg, mode, prompts, settings, device)  # warm-up
-                outputs, seconds = run_scheduled(executors[graphs], cfg, mode, prompts, settings, device)
+                outputs, seconds, steady = run_scheduled(executors[graphs], cfg, mode, prompts, settings, device)
             except Exception as error:  # noqa: BLE001 - e.g. a capture that fails: reported, the rest runs
                 rows.append({"mode": label, "batch": batch, "graphs": graphs, "error": f"{type(error).__name__}: "
                              f"{error}"[:300]})
-                print(f"generate {label:11s} B={batch:3d}  {rows[-1]['error']}", flush=True)
+                print(f"generate {label:16s} B={batch:3d}  {rows[-1]['error']}", flush=True)
                 save()
                 continue
             tokens = sum(len(o.tokens) for o in outputs)
             steps = sum(o.steps for o in outputs)
             forwards = sum(o.denoiser_forwards + o.context_forwards for o in outputs)
             rows.append({"mode": label, "batch": batch, "graphs": graphs, "steps_per_block": steps_per_block,
-                         "tokens_per_s": tokens / seconds, "seconds": seconds,
+                         "tokens_per_s": tokens / seconds, "seconds": seconds, "steady_tokens_per_s": steady,
                          "tokens_per_step": tokens / max(1, steps), "forwards_per_token": forwards / max(1, tokens)})
-            print(f"generate {label:11s} B={batch:3d}  {tokens / seconds:9.1f} tok/s  tokens/step "
-                  f"{rows[-1]['tokens_per_step']:.2f}", flush=True)
+            print(f"generate {label:16s} B={batch:3d}  {tokens / seconds:9.1f} tok/s  (second half "
+                  f"{steady or 0:9.1f})  tokens/step {rows[-1]['tokens_per_step']:.2f}", flush=True)
             save()
         if args.transformers and batch == 1:
             try:
@@ -328,7 +343,14 @@ def main(argv=None) -> int:
     save = lambda: out.write_text(json.dumps(result, indent=2))  # noqa: E731 - after every piece: a cut run keeps its numbers
     for b in args.batches:
         for c in args.contexts:
-            result["steps"] += time_steps(cfg, ctx_w, den_w, dtype, device, b, c, args, bandwidth)
+            try:
+                result["steps"] += time_steps(cfg, ctx_w, den_w, dtype, device, b, c, args, bandwidth)
+            except Exception as error:  # noqa: BLE001 - e.g. out of memory at the largest shape: the rest runs
+                result.setdefault("step_errors", []).append({"batch": b, "context": c,
+                                                             "error": f"{type(error).__name__}: {error}"[:300]})
+                print(f"steps B={b} ctx={c}: {result['step_errors'][-1]['error']}", flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             save()
     if args.towers == "both":
         time_generation(cfg, raw, ctx_w, den_w, dtype, device, args, result["generation"], save)

@@ -95,9 +95,13 @@ def print_summary(towers: dict, kernels: dict) -> None:
         graph = f"graph {r['ms_graph']:8.3f}" if r.get("ms_graph") else "graph      -  "
         print(f"  {r['step']:10s} B={r['batch']:3d} ctx={r['context']:6d} eager {r['ms']:8.3f} {graph} "
               f"floor {r['floor_ms']:8.3f} ms")
+    for e in towers.get("step_errors", []):
+        print(f"  steps      B={e['batch']:3d} ctx={e['context']:6d} {e['error'][:90]}")
     for g in towers.get("generation", []):
         rate = f"{g['tokens_per_s']:9.1f} tok/s" if "tokens_per_s" in g else g.get("error", "")[:90]
-        print(f"  generate {g['mode']:15s} B={g['batch']:3d} {rate}")
+        if g.get("steady_tokens_per_s"):
+            rate += f"  (second half {g['steady_tokens_per_s']:9.1f} tok/s)"
+        print(f"  generate {g['mode']:18s} B={g['batch']:3d} {rate}")
 
 
 def plot(towers: dict, path: Path) -> None:

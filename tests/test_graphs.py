@@ -119,3 +119,23 @@ def test_denoiser_graph_sees_a_state_changed_in_place(all_kinds_dir):
         results.append(outs)
     for eager, emulated in zip(*results):
         assert torch.equal(eager, emulated)
+
+
+def test_a_failed_capture_turns_that_step_eager(all_kinds_dir, caplog):
+    """A capture that raises (on a GPU: a step that synchronises) leaves its StepGraph with the
+    error; the cache then runs that kind of step eagerly for good and says why, once."""
+    cfg, ctx, den = load_towers(all_kinds_dir)
+    executor = TorchExecutor(cfg, ctx, den, torch.float32, torch.device("cpu"), torch.device("cpu"), graphs="emulate")
+    state, _ = executor.prefill([[5, 6, 7], [8, 9, 10, 11]], 16)
+    block, t = torch.full((2, 8), cfg.mask_token_id), torch.ones(2)
+    cache = executor._den_graphs
+    first = executor.denoise(state, block, t)  # first sight: eager
+    assert cache._graphs == {} and torch.equal(executor.denoise(state, block, t), first)  # second: a graph
+    cache._graphs["denoise"].capture_error = RuntimeError("operation not permitted when stream is capturing")
+    with caplog.at_level("WARNING", logger="trtllm_twotower.runtime.graphs"):
+        assert torch.equal(executor.denoise(state, block, t), first)
+        assert torch.equal(executor.denoise(state, block, t), first)
+    assert cache._graphs == {} and "denoise" in cache.failed
+    assert [r.getMessage() for r in caplog.records].count(
+        "CUDA graph capture of the denoise step failed (operation not permitted when stream is capturing): "
+        "it runs eagerly from now on") == 1

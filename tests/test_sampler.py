@@ -119,3 +119,28 @@ def test_gumbel_sampling_is_seeded_per_row():
     assert torch.equal(draw([7, 7])[0], draw([7, 7])[1])  # same seed, same table -> same row
     outs = {tuple(draw([s, 0])[0].tolist()) for s in range(20)}
     assert len(outs) > 1  # temperature > 0 really samples
+
+
+def test_mixed_batch_equals_each_row_alone_on_random_tables():
+    """Greedy and sampled rows in one step (settings decided on the host, Gumbel-max over the whole
+    batch, each sampled row drawing from its own generator) commit exactly what each row commits
+    alone, with the same draw distributions."""
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(30):
+        B, L = 4, 8
+        x = torch.full((B, L), M)
+        x[torch.rand(B, L, generator=gen) < 0.3] = 5
+        logits = 3 * torch.randn(B, L, V, generator=gen)
+        temps, thresholds, steps = [0.0, 0.7, 1.3, 0.0], [0.3, 0.5, 0.2, 0.9], [4, 6, 2, 8]
+        step = trial % 2
+        seeds = [100 * trial + b for b in range(B)]
+        batch = commit_step(x, logits, M, step, steps, thresholds, temps,
+                            [torch.Generator().manual_seed(s) for s in seeds], return_probs=True)
+        for b in range(B):
+            alone = commit_step(x[b:b + 1], logits[b:b + 1], M, step, steps[b], thresholds[b], temps[b],
+                                [torch.Generator().manual_seed(seeds[b])], return_probs=True)
+            assert torch.equal(batch[0][b], alone[0][0]) and int(batch[1][b]) == int(alone[1][0]), (trial, b)
+            if temps[b] > 0:
+                assert torch.equal(batch[2][b], alone[2][0])
+            else:
+                assert alone[2] is None and not batch[2][b].any()

@@ -48,7 +48,7 @@ class TorchOps:
         self.device = torch.device(device)
         self.trace = trace
         # grouped GEMMs: CPU in any dtype; CUDA kernels take bf16 only
-        self._grouped_mm = hasattr(torch, "_grouped_mm") and (self.device.type == "cpu" or dtype == torch.bfloat16)
+        self.grouped_experts = hasattr(torch, "_grouped_mm") and (self.device.type == "cpu" or dtype == torch.bfloat16)
         self._block_attention = reference.block_attention_ref
         self._mamba_scan = _torch_mamba_scan
         if self.device.type == "cuda" and os.environ.get("TWOTOWER_KERNELS", "auto") != "off":
@@ -190,7 +190,7 @@ class TorchOps:
         (autograd recording through the experts) also takes the loop: grouped GEMMs have no reliable
         backward on the CPU."""
         self._op("moe_experts")
-        if not self._grouped_mm or (torch.is_grad_enabled() and (x.requires_grad or up.requires_grad)):
+        if not self.grouped_experts or (torch.is_grad_enabled() and (x.requires_grad or up.requires_grad)):
             return reference.moe_experts_ref(x, idx, weights, up, down)
         tokens = x.reshape(-1, x.shape[-1])  # [n, H]
         n, k = idx.shape

@@ -63,8 +63,9 @@ class TorchExecutor:
     """Eager torch towers. ``den_weights`` may be None (a Nano checkpoint: AR mode only).
 
     ``graphs`` (default: $TWOTOWER_CUDA_GRAPHS, else "off"): "on" replays the AR step and the
-    denoiser step from CUDA graphs on CUDA devices (``runtime/graphs.py``; off until verified on a
-    GPU); "emulate" runs the graphs' static-buffer plumbing without capture (tests, any device)."""
+    denoiser step from CUDA graphs on CUDA devices in bfloat16 (``runtime/graphs.py``; off until
+    verified on a GPU); "emulate" runs the graphs' static-buffer plumbing without capture (tests,
+    any device)."""
 
     modes = ("diffusion", "speculative", "mock-ar", "ar")
 
@@ -84,14 +85,16 @@ class TorchExecutor:
         self.ctx_ops = TorchOps(dtype, context_device)
         self.den_ops = TorchOps(dtype, denoiser_device)
         self._mirror = StateMirror(denoiser_device) if denoiser_device != context_device else None
-        self._ctx_graphs = self._graph_cache(context_device)
-        self._den_graphs = self._graph_cache(denoiser_device)
+        self._ctx_graphs = self._graph_cache(self.ctx_ops)
+        self._den_graphs = self._graph_cache(self.den_ops)
 
-    def _graph_cache(self, device: torch.device) -> GraphCache | None:
+    def _graph_cache(self, ops: TorchOps) -> GraphCache | None:
         if self.graphs == "emulate":
-            return GraphCache(device, capture=False)
-        if self.graphs == "on" and device.type == "cuda":
-            return GraphCache(device, capture=True)
+            return GraphCache(ops.device, capture=False)
+        # capture needs the grouped-GEMM experts (bf16 on CUDA): the spec's expert loop reads the
+        # routed ids back to the host
+        if self.graphs == "on" and ops.device.type == "cuda" and ops.grouped_experts:
+            return GraphCache(ops.device, capture=True)
         return None
 
     @torch.inference_mode()

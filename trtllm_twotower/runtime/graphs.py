@@ -21,6 +21,7 @@ tests check it against the plain forwards, the GPU tests check captured replays.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from dataclasses import replace
 from typing import Callable
@@ -29,6 +30,8 @@ import torch
 
 from ..devices import upload
 from ..network import towers
+
+log = logging.getLogger(__name__)
 
 # forward(static state, ids [B, L], t [B] or None) -> (fp32 logits, new state or None)
 Forward = Callable[[towers.TowerState, torch.Tensor, torch.Tensor | None], tuple]
@@ -52,6 +55,7 @@ class StepGraph:
         self.static_state = towers.TowerState(self.lengths, state.keys, state.values, self.conv, self.ssm)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
+        self.capture_error: BaseException | None = None
 
     def serves(self, state: towers.TowerState, ids: torch.Tensor, t: torch.Tensor | None) -> bool:
         return (tuple(ids.shape) == tuple(self.ids.shape) and (t is None) == (self.t is None)
@@ -82,18 +86,25 @@ class StepGraph:
         self.lengths.copy_(upload(state.lengths, self.device))
         if not self.capture:
             return self._step()
-        if self.graph is None:  # the first run executes eagerly on a side stream (as capture asks), then is captured
+        with torch.cuda.device(self.device):  # the side and capture streams on this graph's device
+            if self.graph is not None:
+                self.graph.replay()
+                return self.logits.clone()  # the next replay overwrites the static output
+            # the first run executes eagerly on a side stream (as capture asks), then is captured
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 logits = self._step().clone()
             torch.cuda.current_stream(self.device).wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):  # recorded, not executed: the state is not advanced twice
-                self.logits = self._step()
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, stream=side):  # recorded, not executed: the state advances once
+                    self.logits = self._step()
+            except Exception as error:  # noqa: BLE001 - the step ran eagerly above; graphs are off from now on
+                self.capture_error = error
+            else:
+                self.graph = graph
             return logits
-        self.graph.replay()
-        return self.logits.clone()  # the next replay overwrites the static output
 
     def forget_copies(self) -> None:
         """Copy the state in again at the next run (its tensors were changed in place)."""
@@ -106,12 +117,14 @@ class StepGraph:
 
 
 class GraphCache:
-    """The executor's graphs, one per kind of step, captured on the second sight of a batch."""
+    """The executor's graphs, one per kind of step, captured on the second sight of a batch. A kind
+    whose capture fails once runs eagerly from then on (logged once, with the reason)."""
 
     def __init__(self, device: torch.device, capture: bool):
         self.device, self.capture = device, capture
         self._graphs: dict[str, StepGraph] = {}
         self._seen: dict[str, tuple] = {}  # kind -> the last batch run eagerly (weak K/V refs, shapes)
+        self.failed: dict[str, BaseException] = {}  # kind -> why its capture failed
 
     def forget_copies(self) -> None:
         """A context state was changed in place (a replayed AR step): copy it in again."""
@@ -124,6 +137,13 @@ class GraphCache:
     def get(self, kind: str, forward: Forward, state, ids, t, owns_state: bool) -> StepGraph | None:
         """The graph for this step, or None: run it eagerly (a batch seen for the first time)."""
         graph = self._graphs.get(kind)
+        if graph is not None and graph.capture_error is not None:
+            self.failed[kind] = graph.capture_error
+            del self._graphs[kind]
+            log.warning("CUDA graph capture of the %s step failed (%s): it runs eagerly from now on", kind,
+                        graph.capture_error)
+        if kind in self.failed:
+            return None
         if graph is not None and graph.serves(state, ids, t):
             return graph
         signature = self._signature(state, ids, t)
