@@ -12,6 +12,7 @@ measured ratio, met or not.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -154,6 +155,9 @@ def main(argv=None) -> int:
     if args.plot:
         if not towers.get("steps"):
             print("error: no step timings to plot", file=sys.stderr)
+            return 2
+        if importlib.util.find_spec("matplotlib") is None:
+            print("error: --plot needs matplotlib (pip install -e '.[bench]')", file=sys.stderr)
             return 2
         plot(towers, args.plot)
     return 0
