@@ -109,12 +109,12 @@ def test_cuda_graph_steps_match_eager(all_kinds_dir, monkeypatch, kernels):
                 for block in blocks[:, : state.batch]:
                     t = (block == cfg.mask_token_id).float().mean(-1)
                     steps.append(executor.denoise(state, block, t).float())
-            logits, state = executor.decode(state, rows[:, j : j + 1])
+            logits, state = executor.extend(state, rows[:, j : j + 1], logits=True, in_place=True)
             steps.append(logits[:, -1].float())
         runs[graphs] = steps
         if graphs == "on":
-            assert executor._ctx_graphs._graphs["decode"].graph is not None
-            assert executor._ctx_graphs._graphs["decode"].ids.shape[0] == 2
+            assert executor._ctx_graphs._graphs["extend1_logits"].graph is not None
+            assert executor._ctx_graphs._graphs["extend1_logits"].ids.shape[0] == 2
             assert executor._den_graphs._graphs["denoise"].graph is not None
     assert len(runs["off"]) == len(runs["on"]) == 18
     for eager, replayed in zip(runs["off"], runs["on"]):

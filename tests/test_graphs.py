@@ -47,7 +47,7 @@ def test_emulated_graph_steps_equal_eager_steps(all_kinds_dir, monkeypatch, mode
     original = graphs.StepGraph.__init__
 
     def counting(self, forward, state, ids, t, device, capture, owns_state):
-        built.append(("decode" if owns_state else "denoise", state.batch))
+        built.append(("context" if owns_state else "denoise", state.batch))
         original(self, forward, state, ids, t, device, capture, owns_state)
 
     monkeypatch.setattr(graphs.StepGraph, "__init__", counting)
@@ -59,9 +59,32 @@ def test_emulated_graph_steps_equal_eager_steps(all_kinds_dir, monkeypatch, mode
                                    requests, mode)
     assert emulated == eager
     assert [len(t) for t in eager] == [20, 9, 17, 26, 5]
-    kind = "decode" if mode == "ar" else "denoise"
-    assert {k for k, _ in built} == {kind}  # AR graphs the context step; the others the denoiser step
+    kinds = {k for k, _ in built}
+    # AR graphs its context step; block modes their denoiser step, and diffusion its extend when
+    # the whole batch completes a block at once; speculative verification and mock-AR keep an
+    # older state, so their context steps stay eager
+    if mode == "ar":
+        assert kinds == {"context"}
+    elif mode == "diffusion":
+        assert "denoise" in kinds and kinds <= {"context", "denoise"}
+    else:
+        assert kinds == {"denoise"}
     assert len(built) >= 3 and max(b for _, b in built) >= 3  # a new graph as the batch changed
+
+
+def test_one_diffusion_row_graphs_its_block_extends(all_kinds_dir):
+    """A lone diffusion row completes every block alone: its extends are whole-batch steps, so the
+    extend over each committed block becomes a graph too, and the tokens stay the eager ones."""
+    cfg, ctx, den = load_towers(all_kinds_dir)
+    cpu = torch.device("cpu")
+    prompt = torch.randint(4, cfg.vocab_size, (6,), generator=torch.Generator().manual_seed(12)).tolist()
+    outputs, executors = [], []
+    for mode in ("off", "emulate"):
+        executor = TorchExecutor(cfg, ctx, den, torch.float32, cpu, cpu, graphs=mode)
+        outputs.append(_generate_staggered(executor, cfg, [(prompt, 40, 0.0, 7, 0)], "diffusion"))
+        executors.append(executor)
+    assert outputs[0] == outputs[1] and len(outputs[0][0]) == 40
+    assert set(executors[1]._ctx_graphs._graphs) == {"extend8"} and set(executors[1]._den_graphs._graphs) == {"denoise"}
 
 
 def test_graph_mode_is_checked(all_kinds_dir, monkeypatch):
@@ -73,7 +96,7 @@ def test_graph_mode_is_checked(all_kinds_dir, monkeypatch):
     monkeypatch.setenv("TWOTOWER_CUDA_GRAPHS", "on")  # on a CPU device: eager, no graph
     executor = TorchExecutor(cfg, ctx, den, torch.float32, cpu, cpu)
     state, logits = executor.prefill([[5, 6, 7]], 8)
-    _, new = executor.decode(state, logits.argmax(-1, keepdim=True))
+    _, new = executor.extend(state, logits.argmax(-1, keepdim=True), logits=True, in_place=True)
     assert executor._ctx_graphs is None and executor._den_graphs is None and int(new.lengths[0]) == 4
 
 
@@ -93,7 +116,8 @@ def test_a_state_made_elsewhere_is_copied_in(all_kinds_dir):
         for step in range(6):
             if step == 3:  # an eager multi-token extend in between
                 _, state = executor.extend(state, block, logits=False)
-            logits, state = executor.decode(state, (logits if step == 0 else logits[:, -1]).argmax(-1)[:, None])
+            logits, state = executor.extend(state, (logits if step == 0 else logits[:, -1]).argmax(-1)[:, None],
+                                            logits=True, in_place=True)
             tokens.append(logits[:, -1].argmax(-1).tolist())
         outputs.append(tokens)
     assert outputs[0] == outputs[1]
@@ -113,9 +137,10 @@ def test_denoiser_graph_sees_a_state_changed_in_place(all_kinds_dir):
         executor = TorchExecutor(cfg, ctx, den, torch.float32, cpu, cpu, graphs=mode)
         state, logits = executor.prefill(prompts, 24)
         outs = []
-        for _ in range(5):  # decode graph from the 2nd step on, denoise graph from its 2nd call on
+        for _ in range(5):  # AR-step graph from the 2nd step on, denoise graph from its 2nd call on
             outs.append(executor.denoise(state, block, t))
-            logits, state = executor.decode(state, logits.reshape(2, -1)[:, -cfg.vocab_size:].argmax(-1)[:, None])
+            tokens = logits.reshape(2, -1)[:, -cfg.vocab_size:].argmax(-1)[:, None]
+            logits, state = executor.extend(state, tokens, logits=True, in_place=True)
         results.append(outs)
     for eager, emulated in zip(*results):
         assert torch.equal(eager, emulated)

@@ -115,7 +115,7 @@ class ToyExecutor:
     def prefill(self, prompts, capacity):
         return ToyState(tuple(tuple(p) for p in prompts)), self.ar[[p[-1] for p in prompts]]
 
-    def extend(self, state, tokens, logits, trace=False):
+    def extend(self, state, tokens, logits, trace=False, in_place=False):
         new = ToyState(tuple(h + tuple(t) for h, t in zip(state.history, tokens.tolist())), tokens.shape[1])
         return (self.ar[tokens] if logits else None), new
 

@@ -62,8 +62,8 @@ GRAPH_MODES = ("off", "on", "emulate")
 class TorchExecutor:
     """Eager torch towers. ``den_weights`` may be None (a Nano checkpoint: AR mode only).
 
-    ``graphs`` (default: $TWOTOWER_CUDA_GRAPHS, else "off"): "on" replays the AR step and the
-    denoiser step from CUDA graphs on CUDA devices in bfloat16 (``runtime/graphs.py``; off until
+    ``graphs`` (default: $TWOTOWER_CUDA_GRAPHS, else "off"): "on" replays the AR step, the block
+    extend and the denoiser step from CUDA graphs on CUDA devices in bfloat16 (``runtime/graphs.py``; off until
     verified on a GPU); "emulate" runs the graphs' static-buffer plumbing without capture (tests,
     any device)."""
 
@@ -114,30 +114,28 @@ class TorchExecutor:
         return (rows[0] if len(rows) == 1 else towers.concat_states(rows, capacity)), logits
 
     @torch.inference_mode()
-    def extend(self, state, tokens: torch.Tensor, logits: bool, trace: bool = False):
+    def extend(self, state, tokens: torch.Tensor, logits: bool, trace: bool = False, in_place: bool = False):
         """tokens [B, L] -> (fp32 logits [B, L, V] or None, new state). ``trace``: the new state
-        carries the Mamba states after every position, for ``rollback``."""
+        carries the Mamba states after every position, for ``rollback``. ``in_place``: the caller
+        keeps no older state, so with graphs on the step may be replayed from a CUDA graph that
+        updates the Mamba states in place (``state`` is not valid afterwards): the AR step, the
+        extend over a committed diffusion block."""
         check_capacity(state, tokens.shape[1])
-        return towers.context_forward(self.ctx_ops, self.cfg, self.ctx_weights, state, tokens, logits=logits,
-                                      trace=trace)
-
-    @torch.inference_mode()
-    def decode(self, state, tokens: torch.Tensor):
-        """The AR step: tokens [B, 1] -> (fp32 logits [B, 1, V], new state). With graphs on, the
-        step is replayed from a CUDA graph and the Mamba states are updated in place: ``state`` is
-        not valid afterwards (callers keep only the new one)."""
-        graph = None if self._ctx_graphs is None else self._ctx_graphs.get(
-            "decode", self._decode_forward, state, tokens, None, owns_state=True)
+        graph = None
+        if in_place and not trace and self._ctx_graphs is not None:
+            kind = f"extend{tokens.shape[1]}" + ("_logits" if logits else "")
+            graph = self._ctx_graphs.get(kind, self._extend_forward(logits), state, tokens, None, owns_state=True)
         if graph is None:
-            return self.extend(state, tokens, logits=True)
-        check_capacity(state, tokens.shape[1])
-        logits = graph.run(state, tokens, None)
+            return towers.context_forward(self.ctx_ops, self.cfg, self.ctx_weights, state, tokens, logits=logits,
+                                          trace=trace)
+        out = graph.run(state, tokens, None)
         if self._den_graphs is not None:  # the Mamba states just changed in place
             self._den_graphs.forget_copies()
-        return logits, graph.advanced(state, tokens.shape[1])
+        return out, graph.advanced(state, tokens.shape[1])
 
-    def _decode_forward(self, state, tokens, t):
-        return towers.context_forward(self.ctx_ops, self.cfg, self.ctx_weights, state, tokens)
+    def _extend_forward(self, logits: bool):
+        return lambda state, tokens, t: towers.context_forward(self.ctx_ops, self.cfg, self.ctx_weights, state,
+                                                               tokens, logits=logits)
 
     @torch.inference_mode()
     def rollback(self, state, keep: torch.Tensor):

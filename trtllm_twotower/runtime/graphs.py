@@ -1,4 +1,4 @@
-"""Steps replayed from CUDA graphs: the AR token and the denoiser step, one launch each.
+"""Steps replayed from CUDA graphs: the AR token, the block extend and the denoiser step, one launch each.
 
 Eager, one forward of a 52-layer tower is thousands of kernel launches, each costing host time,
 which at small batch is far above the step's memory floor. A ``StepGraph`` captures one forward of
@@ -8,11 +8,12 @@ fixed shapes over one batch's buffers and replays it:
   serves exactly one batch composition: a row joining or leaving makes new buffers, and the
   executor captures again once the new batch has been seen twice (rows that keep coming and going
   run eagerly instead of capturing at every step);
-- the Mamba conv and SSM states live in static buffers. The AR step (``owns_state``) updates them in
-  place and hands them back as the new state, so a replay moves nothing else (the old state is then
-  invalid: the AR lane keeps none). The denoiser only reads them: they are copied in when the
-  context state is a different tensor from the one copied last (once per block), or after a
-  replayed AR step of the same executor changed it in place.
+- the Mamba conv and SSM states live in static buffers. Context-tower steps (``owns_state``: the AR
+  token, the extend over a committed diffusion block) update them in place and hand them back as
+  the new state, so a replay moves nothing else (the old state is then invalid: those callers keep
+  none; mock-AR and speculative verification keep one, so they stay eager). The denoiser only reads
+  them: they are copied in when the context state is a different tensor from the one copied last,
+  or after a replayed context step of the same executor changed it in place.
 
 Capture needs a step without host reads (``tests/test_host_reads.py``) and lengths on the device
 (attention then never reads them back). ``capture=False`` runs the same plumbing eagerly; the CPU
@@ -76,8 +77,9 @@ class StepGraph:
                 buffers[i].copy_(x)
                 sources[i] = weakref.ref(x)
 
-    def run(self, state: towers.TowerState, ids: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
-        """The forward's fp32 logits for ``ids`` (and ``t``) on top of ``state`` (this graph's batch)."""
+    def run(self, state: towers.TowerState, ids: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor | None:
+        """The forward's fp32 logits (or None, for an extend without them) for ``ids`` (and ``t``) on
+        top of ``state`` (this graph's batch)."""
         self._copy_in("conv", self.conv, state.conv)
         self._copy_in("ssm", self.ssm, state.ssm)
         self.ids.copy_(ids)
@@ -89,12 +91,13 @@ class StepGraph:
         with torch.cuda.device(self.device):  # the side and capture streams on this graph's device
             if self.graph is not None:
                 self.graph.replay()
-                return self.logits.clone()  # the next replay overwrites the static output
+                return None if self.logits is None else self.logits.clone()  # the next replay overwrites it
             # the first run executes eagerly on a side stream (as capture asks), then is captured
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
-                logits = self._step().clone()
+                logits = self._step()
+                logits = None if logits is None else logits.clone()
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             try:

@@ -186,14 +186,14 @@ class Lane:
             r.emit(r, append_tokens(r, tokens))
 
     def _extend(self, rows: list[int], tokens: torch.Tensor, *, logits: bool, trace: bool = False,
-                decode: bool = False):
+                in_place: bool = False):
         """The context extend of the rows at ``rows`` only (the others are mid-block). Returns
-        (logits, the new state of those rows); ``_merge`` writes it back. ``decode``: the AR step
-        (``executor.decode``, which may reuse the old state's buffers: the lane keeps no old state)."""
+        (logits, the new state of those rows); ``_merge`` writes it back. ``in_place``: the lane
+        keeps no older state, so the executor may reuse its buffers (a CUDA-graph replay)."""
         ex = self.executor
         whole = rows == list(range(len(self.rows)))
         sub = self.state if whole else ex.select(self.state, rows)
-        out, new = ex.decode(sub, tokens) if decode else ex.extend(sub, tokens, logits=logits, trace=trace)
+        out, new = ex.extend(sub, tokens, logits=logits, trace=trace, in_place=in_place)
         for i in rows:
             self.rows[i].out.context_forwards += 1
         return out, new
@@ -288,7 +288,7 @@ class DiffusionLane(BlockLane):
         going = [j for j, i in enumerate(done) if not self.rows[i].out.finished]
         if going:
             rows = [done[j] for j in going]
-            _, new = self._extend(rows, blocks[going], logits=False)
+            _, new = self._extend(rows, blocks[going], logits=False, in_place=True)
             self._merge(rows, new)
             self._restart(rows)
         self._keep([i for i, r in enumerate(self.rows) if not r.out.finished])
@@ -410,7 +410,7 @@ class TokenLane(Lane):
         # AR keeps no older state (the executor may replay the step as a CUDA graph); mock-AR keeps
         # the state before the last token for its head
         logits, state = self._extend(list(range(len(self.rows))), tokens, logits=not self.mock_ar,
-                                     decode=not self.mock_ar)
+                                     in_place=not self.mock_ar)
         if self.mock_ar:
             self.before, self.last = self.state, tokens
         else:

@@ -87,8 +87,9 @@ class TrtExecutor:
             last.append(logits[:, -1])
         return (rows[0] if len(rows) == 1 else towers.concat_states(rows, self.capacity)), torch.cat(last)
 
-    def extend(self, state, tokens: torch.Tensor, logits: bool, trace: bool = False):
-        """The context engine over tokens [B, L]; its new K/V are appended to the state's buffers here."""
+    def extend(self, state, tokens: torch.Tensor, logits: bool, trace: bool = False, in_place: bool = False):
+        """The context engine over tokens [B, L]; its new K/V are appended to the state's buffers here.
+        (``in_place`` is the torch executor's licence to reuse buffers; the engines return new states.)"""
         if trace:
             raise NotImplementedError("speculative mode needs per-position states: use the torch backend")
         check_capacity(state, tokens.shape[1])
@@ -105,10 +106,6 @@ class TrtExecutor:
             conv={i: out[f"present_conv_state_{i}"] for i in state.conv},
             ssm={i: out[f"present_ssm_state_{i}"] for i in state.ssm})
         return (out["last_logits"][:, None] if logits else None), new_state
-
-    def decode(self, state, tokens: torch.Tensor):
-        """The AR step (the engine's own runtime decides about graphs)."""
-        return self.extend(state, tokens, logits=True)
 
     def rollback(self, state, keep):
         raise NotImplementedError("speculative mode needs per-position states: use the torch backend")
