@@ -164,3 +164,22 @@ def test_a_failed_capture_turns_that_step_eager(all_kinds_dir, caplog):
     assert [r.getMessage() for r in caplog.records].count(
         "CUDA graph capture of the denoise step failed (operation not permitted when stream is capturing): "
         "it runs eagerly from now on") == 1
+
+
+def test_another_batch_drops_the_old_graph_at_once(all_kinds_dir):
+    """When the batch changes, the old graph (its memory pool, the old K/V buffers it holds) goes
+    at the first step of the new batch; the new batch gets its graph at its second step."""
+    cfg, ctx, den = load_towers(all_kinds_dir)
+    executor = TorchExecutor(cfg, ctx, den, torch.float32, torch.device("cpu"), torch.device("cpu"), graphs="emulate")
+    state, _ = executor.prefill([[5, 6, 7], [8, 9, 10, 11]], 16)
+    block, t = torch.full((2, 8), cfg.mask_token_id), torch.ones(2)
+    graphs_of = executor._den_graphs._graphs
+    for _ in range(2):
+        executor.denoise(state, block, t)
+    old = graphs_of["denoise"]
+    assert old.serves(state, block, t)
+    alone = executor.select(state, [1])
+    executor.denoise(alone, block[1:], t[1:])
+    assert graphs_of == {}
+    executor.denoise(alone, block[1:], t[1:])
+    assert graphs_of["denoise"] is not old and graphs_of["denoise"].serves(alone, block[1:], t[1:])

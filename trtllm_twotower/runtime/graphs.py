@@ -149,6 +149,7 @@ class GraphCache:
             return None
         if graph is not None and graph.serves(state, ids, t):
             return graph
+        self._graphs.pop(kind, None)  # another batch's graph: free its pool and the old buffers it holds now
         signature = self._signature(state, ids, t)
         seen = self._seen.get(kind)
         same = seen is not None and seen[:2] == signature[:2] and len(seen[2]) == len(signature[2]) and all(
@@ -156,6 +157,5 @@ class GraphCache:
         if not same or not state.keys:  # without attention layers no buffer identifies the batch: stay eager
             self._seen[kind] = signature
             return None
-        self._graphs.pop(kind, None)  # free the old graph's memory before capturing the new batch
         self._graphs[kind] = StepGraph(forward, state, ids, t, self.device, self.capture, owns_state)
         return self._graphs[kind]
