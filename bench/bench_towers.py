@@ -42,6 +42,7 @@ from trtllm_twotower.network import towers  # noqa: E402
 from trtllm_twotower.network.ops import TorchOps  # noqa: E402
 from trtllm_twotower.runtime import sampler  # noqa: E402
 from trtllm_twotower.runtime.executor import TorchExecutor  # noqa: E402
+from trtllm_twotower.runtime.graphs import run_then_capture  # noqa: E402
 from trtllm_twotower.runtime.scheduler import Scheduler  # noqa: E402
 
 # The released model's config.json fields (spec §1), as the tests and the build plan use them.
@@ -138,14 +139,12 @@ def graph_ms(run, device, args) -> tuple[float | None, str | None]:
     if device.type != "cuda":
         return None, "CUDA graphs need a CUDA device"
     try:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
+        def step() -> None:  # the bench keeps no output
             run()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            run()
+
+        _, graph, _, error = run_then_capture(step, device)
+        if error is not None:
+            raise error
         return median_ms(graph.replay, device, args.warmup, args.repeat), None
     except Exception as error:  # noqa: BLE001 - any capture failure is a result to report
         torch.cuda.synchronize(device)

@@ -38,18 +38,49 @@ log = logging.getLogger(__name__)
 Forward = Callable[[towers.TowerState, torch.Tensor, torch.Tensor | None], tuple]
 
 
+def batch_signature(state: towers.TowerState, ids: torch.Tensor, t: torch.Tensor | None) -> tuple:
+    """What identifies a step's batch: the input shape, whether t is given, and the K/V buffers
+    (weakly held: an old batch is not kept alive by it)."""
+    return tuple(ids.shape), t is None, tuple(weakref.ref(k) for k in state.keys.values())
+
+
+def same_batch(signature: tuple, state: towers.TowerState, ids: torch.Tensor, t: torch.Tensor | None) -> bool:
+    shape, no_t, keys = signature
+    return (shape == tuple(ids.shape) and no_t == (t is None) and len(keys) == len(state.keys)
+            and all(ref() is k for ref, k in zip(keys, state.keys.values())))
+
+
+def run_then_capture(step: Callable[[], torch.Tensor | None], device: torch.device):
+    """Run ``step`` once eagerly on a side stream (capture wants its warm-up off the capture stream),
+    then record it into a CUDA graph on that stream, not executed. Returns (the eager run's output,
+    cloned; the graph and its static output, or None and None; the error capture raised, or None)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        out = step()
+        out = None if out is None else out.clone()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, stream=side):  # recorded, not executed: the step runs once
+            static = step()
+    except Exception as error:  # noqa: BLE001 - the caller decides what a failed capture means
+        return out, None, None, error
+    return out, graph, static, None
+
+
 class StepGraph:
     """One forward of fixed shapes over one batch's state, from a CUDA graph (or run eagerly)."""
 
     def __init__(self, forward: Forward, state: towers.TowerState, ids: torch.Tensor, t: torch.Tensor | None,
                  device: torch.device, capture: bool, owns_state: bool):
         self.forward, self.device, self.capture, self.owns_state = forward, device, capture, owns_state
-        self.keys = state.keys  # the batch's K/V buffers: the batch this graph serves
+        self.signature = batch_signature(state, ids, t)  # the batch this graph serves
         own = (lambda d: dict(d)) if owns_state else (lambda d: {i: x.clone() for i, x in d.items()})  # noqa: E731
         self.conv, self.ssm = own(state.conv), own(state.ssm)
-        # the tensor each static buffer was last filled from (weak: an old state is not kept alive)
-        self._sources = {name: {i: weakref.ref(x) for i, x in d.items()} for name, d in
-                         (("conv", state.conv), ("ssm", state.ssm))} if owns_state else {"conv": {}, "ssm": {}}
+        # the tensor each static buffer was last filled from (weak: an old state is not kept alive);
+        # a state whose tensors are the buffers themselves needs no copy at all
+        self._sources: dict[str, dict] = {"conv": {}, "ssm": {}}
         self.ids = torch.zeros_like(ids, device=device)
         self.t = None if t is None else torch.zeros_like(t, dtype=torch.float32, device=device)
         self.lengths = torch.zeros(state.batch, dtype=torch.long, device=device)
@@ -59,8 +90,7 @@ class StepGraph:
         self.capture_error: BaseException | None = None
 
     def serves(self, state: towers.TowerState, ids: torch.Tensor, t: torch.Tensor | None) -> bool:
-        return (tuple(ids.shape) == tuple(self.ids.shape) and (t is None) == (self.t is None)
-                and state.keys.keys() == self.keys.keys() and all(state.keys[i] is self.keys[i] for i in self.keys))
+        return same_batch(self.signature, state, ids, t)
 
     def _step(self) -> torch.Tensor:
         logits, new = self.forward(self.static_state, self.ids, self.t)
@@ -92,27 +122,14 @@ class StepGraph:
             if self.graph is not None:
                 self.graph.replay()
                 return None if self.logits is None else self.logits.clone()  # the next replay overwrites it
-            # the first run executes eagerly on a side stream (as capture asks), then is captured
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                logits = self._step()
-                logits = None if logits is None else logits.clone()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(graph, stream=side):  # recorded, not executed: the state advances once
-                    self.logits = self._step()
-            except Exception as error:  # noqa: BLE001 - the step ran eagerly above; graphs are off from now on
-                self.capture_error = error
-            else:
-                self.graph = graph
+            # the first run executes eagerly, then is captured (the state advances once); if the
+            # capture fails the step has still run, and this kind of step stays eager (GraphCache)
+            logits, self.graph, self.logits, self.capture_error = run_then_capture(self._step, self.device)
             return logits
 
     def forget_copies(self) -> None:
         """Copy the state in again at the next run (its tensors were changed in place)."""
-        if not self.owns_state:
-            self._sources = {"conv": {}, "ssm": {}}
+        self._sources = {"conv": {}, "ssm": {}}
 
     def advanced(self, state: towers.TowerState, tokens: int) -> towers.TowerState:
         """The state after an ``owns_state`` step: the static Mamba buffers, lengths + tokens."""
@@ -134,9 +151,6 @@ class GraphCache:
         for graph in self._graphs.values():
             graph.forget_copies()
 
-    def _signature(self, state, ids, t) -> tuple:
-        return (tuple(ids.shape), t is None, tuple(weakref.ref(k) for k in state.keys.values()))
-
     def get(self, kind: str, forward: Forward, state, ids, t, owns_state: bool) -> StepGraph | None:
         """The graph for this step, or None: run it eagerly (a batch seen for the first time)."""
         graph = self._graphs.get(kind)
@@ -150,12 +164,10 @@ class GraphCache:
         if graph is not None and graph.serves(state, ids, t):
             return graph
         self._graphs.pop(kind, None)  # another batch's graph: free its pool and the old buffers it holds now
-        signature = self._signature(state, ids, t)
         seen = self._seen.get(kind)
-        same = seen is not None and seen[:2] == signature[:2] and len(seen[2]) == len(signature[2]) and all(
-            a() is not None and a() is b() for a, b in zip(seen[2], signature[2]))
-        if not same or not state.keys:  # without attention layers no buffer identifies the batch: stay eager
-            self._seen[kind] = signature
+        # without attention layers no buffer identifies the batch: stay eager
+        if seen is None or not same_batch(seen, state, ids, t) or not state.keys:
+            self._seen[kind] = batch_signature(state, ids, t)
             return None
         self._graphs[kind] = StepGraph(forward, state, ids, t, self.device, self.capture, owns_state)
         return self._graphs[kind]

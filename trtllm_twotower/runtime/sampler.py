@@ -50,6 +50,13 @@ def host_values(value, rows: int) -> list[float]:
     return [float(v) for v in value] if isinstance(value, (list, tuple)) else [float(value)] * rows
 
 
+def temperature_divisor(temps: list[float], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sampled [B] bool: temperature > 0, divisor [B]: the temperature, 1 for greedy rows) on ``device``."""
+    B = len(temps)
+    return (per_row([t > 0 for t in temps], B, device, torch.bool),
+            per_row([t if t > 0 else 1.0 for t in temps], B, device))
+
+
 def commit_step(x: torch.Tensor, logits: torch.Tensor, mask_id: int, step: int, steps, threshold, temperature,
                 generators: list[torch.Generator] | None = None, confidence: str = "sampled",
                 return_probs: bool = False, masked: torch.Tensor | None = None):
@@ -82,9 +89,8 @@ def commit_step(x: torch.Tensor, logits: torch.Tensor, mask_id: int, step: int, 
     sample_probs = None
     sampled_rows = [b for b in range(B) if temps[b] > 0]
     if sampled_rows:  # Gumbel-max over the whole batch (greedy rows' results are discarded)
-        sampled = per_row([t > 0 for t in temps], B, device, torch.bool)
-        scale = per_row([t if t > 0 else 1.0 for t in temps], B, device)
-        scores = torch.log_softmax(logits / scale[:, None, None], dim=-1)  # [B, L, V]
+        sampled, divisor = temperature_divisor(temps, device)
+        scores = torch.log_softmax(logits / divisor[:, None, None], dim=-1)  # [B, L, V]
         noise = torch.full_like(scores, 0.5)
         for b in sampled_rows:
             noise[b].uniform_(generator=generators[b])
@@ -113,9 +119,8 @@ def ar_probs(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
     B = logits.shape[0]
     device = logits.device
     temps, top_ks, top_ps = host_values(temperature, B), host_values(top_k, B), host_values(top_p, B)
-    greedy = per_row([t <= 0 for t in temps], B, device, torch.bool)
-    scale = per_row([t if t > 0 else 1.0 for t in temps], B, device)
-    probs = torch.softmax(logits.float() / scale[:, None], dim=-1)
+    sampled, divisor = temperature_divisor(temps, device)
+    probs = torch.softmax(logits.float() / divisor[:, None], dim=-1)
     if any(k > 0 for k in top_ks):
         V = probs.shape[-1]
         k = per_row([min(int(k), V) if k > 0 else V for k in top_ks], B, device, torch.long)
@@ -129,7 +134,7 @@ def ar_probs(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:
         probs = probs.scatter(-1, order, torch.where(drop, torch.zeros_like(sorted_p), sorted_p))
     probs = probs / probs.sum(-1, keepdim=True)
     one_hot = torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).to(probs.dtype)
-    return torch.where(greedy[:, None], one_hot, probs)
+    return torch.where(sampled[:, None], probs, one_hot)
 
 
 def sample_next(logits: torch.Tensor, temperature, top_k, top_p, generators: list[torch.Generator]) -> torch.Tensor:
