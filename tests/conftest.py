@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run under the interpreter (before triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from trtllm_twotower.checkpoint import CheckpointReader, load_tower_weights, resolve_keys
 from trtllm_twotower.config import load_config

@@ -1,8 +1,9 @@
 """Readable torch references for the custom kernels.
 
-Each function has the signature and semantics of its CUDA twin (``kernels.py`` calls the compiled
-library with the same arguments). They are the eager torch backend's implementation on CPU, and the
-yardstick of the GPU tests. Written as numbered steps that map onto spec §3 / §5.3 / §5.4.
+Each function has the signature and semantics of its Triton twin (``plugins/*.py``, registered as
+``torch.ops.twotower.*`` in ``custom_ops.py``). They are the eager torch backend's implementation on
+CPU, the CPU implementation of the custom ops, and the yardstick of the kernel tests. Written as
+numbered steps that map onto spec §3 / §5.1 / §5.3 / §5.4.
 
 Shape alphabet: B batch, L new tokens, S cache capacity, H query heads, K kv heads, P head dim,
 N state size, G groups, C conv channels (= H*P + 2*G*N), W conv width.
@@ -16,6 +17,67 @@ import torch
 import torch.nn.functional as F
 
 from ..devices import upload
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """bf16(w_fp32 * x_fp32 * rsqrt(mean(x_fp32^2) + eps)) over the last dim (spec §3). x [..., D]."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight.float() * y).to(x.dtype)
+
+
+def modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """bf16(bf16(x * bf16(1 + scale)) + shift), each step rounded (spec §5.1)."""
+    return x * (1 + scale) + shift
+
+
+def layer_modulation_ref(table: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """shift, scale, gate [B, 1, D] of one layer: the rows of bf16(table + m.view(B, 3, D)).
+    table [3, D] (the layer's scale_shift_table); m [B, 3D] (adaLN-single output)."""
+    rows = table + m.reshape(m.shape[0], 3, -1)  # [B, 3, D]
+    return rows[:, 0:1], rows[:, 1:2], rows[:, 2:3]
+
+
+def modulated_rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, table: torch.Tensor, m: torch.Tensor,
+                           modulate_first: bool) -> torch.Tensor:
+    """The denoiser's pre-norm (spec §5.1): modulate THEN norm (Mamba, attention layers) or norm
+    THEN modulate (MoE, MLP layers), with shift and scale from ``layer_modulation_ref``. x [B, L, D]."""
+    shift, scale, _ = layer_modulation_ref(table, m)
+    if modulate_first:
+        return rms_norm_ref(modulate_ref(x, shift, scale), weight, eps)
+    return modulate_ref(rms_norm_ref(x, weight, eps), shift, scale)
+
+
+def gated_residual_ref(x: torch.Tensor, h: torch.Tensor, table: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """The denoiser's residual: bf16(x + bf16(gate * h)), gate from ``layer_modulation_ref``. x, h [B, L, D]."""
+    _, _, gate = layer_modulation_ref(table, m)
+    return x + gate * h
+
+
+def gated_rms_norm_ref(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, n_groups: int, eps: float):
+    """Gate THEN norm (norm_before_gate=False): v = y * silu(z) in fp32, RMS-normalised per group of
+    channels, weight multiplied in fp32, one rounding. y, z [..., D] -> [..., D]."""
+    v = y.float() * F.silu(z.float())
+    shape = v.shape
+    g = v.reshape(*shape[:-1], n_groups, shape[-1] // n_groups)
+    g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
+    return (g.reshape(shape) * weight.float()).to(y.dtype)
+
+
+def moe_route_ref(x: torch.Tensor, router: torch.Tensor, correction_bias: torch.Tensor, top_k: int,
+                  normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid router in fp64 (spec §3, R6 moe_router_dtype=fp64). x [..., D]; router [E, D];
+    correction_bias [E] -> expert ids [n, k] int64 (by descending selection score; among equal
+    scores the lower expert id first) and weights [n, k] fp32.
+    1. scores = sigmoid(x @ router^T) in fp64
+    2. the top k of scores + correction_bias (the bias only selects)
+    3. weights = the plain scores of those experts, renormalised (``normalize``), times ``scale``"""
+    scores = torch.sigmoid(x.reshape(-1, x.shape[-1]).double() @ router.double().t())  # [n, E]
+    idx = torch.topk(scores + correction_bias.double(), top_k, dim=-1).indices
+    w = scores.gather(1, idx)
+    if normalize:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return idx, (w * scale).float()
 
 
 def block_attention_ref(
