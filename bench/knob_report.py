@@ -47,9 +47,9 @@ class ExpertCounter(TorchOps):
         super().__init__(dtype, device)
         self.distinct: list[int] = []
 
-    def moe_experts(self, x, idx, weights, up, down):
+    def moe_experts(self, x, idx, weights, up, down, shared=None):
         self.distinct.append(int(torch.unique(idx).numel()))
-        return super().moe_experts(x, idx, weights, up, down)
+        return super().moe_experts(x, idx, weights, up, down, shared)
 
 
 def prompts_from(corpus: Path, tokenizer, count: int, length: int) -> list[str]:

@@ -47,7 +47,7 @@ class RowInvariantOps(TorchOps):
             weights.append((w * scale).float())
         return torch.stack(ids), torch.stack(weights)
 
-    def moe_experts(self, x, idx, weights, up, down):
+    def moe_experts(self, x, idx, weights, up, down, shared=None):
         self._op("moe_experts")
         out = []
         for r, ids, ws in zip(_rows(x), idx, weights):
@@ -56,7 +56,8 @@ class RowInvariantOps(TorchOps):
                 a = torch.relu(torch.mv(up[e], r)).square()
                 acc = acc + torch.mv(down[e], a).float() * w
             out.append(acc.to(x.dtype))
-        return torch.stack(out).reshape(x.shape)
+        routed = torch.stack(out).reshape(x.shape)
+        return routed if shared is None else routed + shared
 
     def block_attention(self, q, k, v, k_cache, v_cache, cache_lens, causal, write_cache):
         self._op("block_attention")

@@ -52,10 +52,8 @@ def moe(ops, cfg: TwoTowerConfig, w: dict, h):
     expert_ids, expert_weights = ops.moe_route(
         h, w["router"], w["router_bias"], cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.routed_scaling_factor
     )
-    routed = ops.moe_experts(h, expert_ids, expert_weights, w["experts_up"], w["experts_down"])
-    if cfg.n_shared_experts == 0:
-        return routed
-    return ops.add(routed, relu2_mlp(ops, w["shared_up"], w["shared_down"], h))
+    shared = relu2_mlp(ops, w["shared_up"], w["shared_down"], h) if cfg.n_shared_experts else None
+    return ops.moe_experts(h, expert_ids, expert_weights, w["experts_up"], w["experts_down"], shared)
 
 
 def time_conditioning(ops, cfg: TwoTowerConfig, w: dict, t):
@@ -63,12 +61,3 @@ def time_conditioning(ops, cfg: TwoTowerConfig, w: dict, t):
     e = ops.timestep_embedding(t, cfg.time_embedding_dim)  # [B, 256]
     c = ops.linear(ops.silu(ops.linear(e, w["t_embed_in"], w["t_embed_in_bias"])), w["t_embed_out"], w["t_embed_out_bias"])
     return ops.linear(ops.silu(c), w["t_block"], w["t_block_bias"])  # [B, 3D]
-
-
-def layer_modulation(ops, cfg: TwoTowerConfig, table, m):
-    """shift, scale, gate [B, 1, D] of one layer: rows of bf16(table + m.view(3, D)).
-    table [3, D]; m [B, 3D]."""
-    rows = ops.add(table, ops.split_heads(m, 3, cfg.hidden_size))  # [B, 3, D]
-    shift, scale, gate = ops.split(ops.merge_heads(rows), [cfg.hidden_size] * 3)  # each [B, D]
-    return (ops.split_heads(shift, 1, cfg.hidden_size), ops.split_heads(scale, 1, cfg.hidden_size),
-            ops.split_heads(gate, 1, cfg.hidden_size))

@@ -12,34 +12,39 @@ The SSM scan and state are always fp32; the MoE router is always fp64.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 
 import torch
 import torch.nn.functional as F
 
+from ..devices import upload
 from ..plugins import reference
-
-log = logging.getLogger(__name__)
 
 # The torch scan switches from the per-token recurrence to the chunked SSD form at this many new
 # tokens (prefills); blocks (16) and decode steps (1) stay sequential. Both are fp32.
 SCAN_CHUNK = 64
 
 OP_NAMES = (
-    "embedding", "linear", "rms_norm", "gated_rms_norm", "split", "split_heads", "merge_heads",
-    "add", "mul", "silu", "relu2", "modulate", "timestep_embedding", "block_attention",
+    "embedding", "linear", "rms_norm", "modulated_rms_norm", "gated_residual", "gated_rms_norm", "split",
+    "split_heads", "merge_heads", "add", "silu", "relu2", "timestep_embedding", "block_attention",
     "mamba_scan", "moe_route", "moe_experts", "logits",
 )
+
+
+def use_kernels(device: torch.device) -> bool:
+    """The Triton kernels serve CUDA tensors unless ``TWOTOWER_KERNELS=off`` (decided once per backend)."""
+    return device.type == "cuda" and os.environ.get("TWOTOWER_KERNELS", "auto") != "off"
 
 
 class TorchOps:
     """Eager torch backend. ``dtype`` is the compute dtype (torch.bfloat16 or torch.float32).
 
-    On CUDA tensors the two custom ops use the compiled kernel library when it is built (chosen
-    once, here; ``TWOTOWER_KERNELS=off`` forces the torch forms); everywhere else they use the torch
-    references beside the kernels.
+    On CUDA the norms, the modulation, attention, the Mamba block and the MoE router and experts are
+    the Triton kernels, called as ``torch.ops.twotower.*`` (``plugins/custom_ops.py``: one op each,
+    with a fake implementation, so fake-tensor dry runs and CUDA graphs see the same calls);
+    ``TWOTOWER_KERNELS=off`` forces the torch forms. Everywhere else (the CPU path, training)
+    the ops are the torch references beside the kernels, exact to the spec's rounding.
     ``trace``: a set that receives the name of every op executed (used by the op-table test).
     """
 
@@ -49,16 +54,10 @@ class TorchOps:
         self.trace = trace
         # grouped GEMMs: CPU in any dtype; CUDA kernels take bf16 only
         self.grouped_experts = hasattr(torch, "_grouped_mm") and (self.device.type == "cpu" or dtype == torch.bfloat16)
-        self._block_attention = reference.block_attention_ref
-        self._mamba_scan = _torch_mamba_scan
-        if self.device.type == "cuda" and os.environ.get("TWOTOWER_KERNELS", "auto") != "off":
-            from ..plugins import kernels
-
-            if kernels.available():
-                self._block_attention = kernels.block_attention
-                self._mamba_scan = kernels.seeded_mamba_scan
-            else:
-                log.warning("twotower kernel library not built: using the torch reference ops on %s", self.device)
+        self.kernels = use_kernels(self.device)
+        if self.kernels:
+            from ..plugins import custom_ops  # noqa: F401  (registers torch.ops.twotower)
+        self._lengths = (None, None)  # (host lengths, their device copy): one upload per step, not per layer
 
     def _op(self, name: str) -> None:
         if self.trace is not None:
@@ -78,19 +77,34 @@ class TorchOps:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """bf16(w_fp32 * x_fp32 * rsqrt(mean(x_fp32^2) + eps)) over the last dim (spec §3)."""
         self._op("rms_norm")
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        return (weight.float() * y).to(x.dtype)
+        if self.kernels:
+            return torch.ops.twotower.rms_norm(x, weight, eps, None, None, False)
+        return reference.rms_norm_ref(x, weight, eps)
+
+    def modulated_rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, table: torch.Tensor,
+                           m: torch.Tensor, modulate_first: bool) -> torch.Tensor:
+        """The denoiser's pre-norm (spec §5.1): shift and scale are rows of bf16(table + m);
+        modulate then norm (``modulate_first``: Mamba, attention) or norm then modulate (MoE, MLP).
+        x [B, L, D]; table [3, D]; m [B, 3D]."""
+        self._op("modulated_rms_norm")
+        if self.kernels:
+            return torch.ops.twotower.rms_norm(x, weight, eps, table, m, modulate_first)
+        return reference.modulated_rms_norm_ref(x, weight, eps, table, m, modulate_first)
+
+    def gated_residual(self, x: torch.Tensor, h: torch.Tensor, table: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """The denoiser's residual bf16(x + bf16(gate * h)), gate = row 2 of bf16(table + m)."""
+        self._op("gated_residual")
+        if self.kernels:
+            return torch.ops.twotower.gated_residual(x, h, table, m)
+        return reference.gated_residual_ref(x, h, table, m)
 
     def gated_rms_norm(self, y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, n_groups: int, eps: float):
         """Gate THEN norm (norm_before_gate=False): v = y * silu(z) in fp32, RMS-normalised per
         group of channels, weight multiplied in fp32, one rounding. y, z [B, L, D] -> [B, L, D]."""
         self._op("gated_rms_norm")
-        v = y.float() * F.silu(z.float())
-        shape = v.shape
-        g = v.reshape(*shape[:-1], n_groups, shape[-1] // n_groups)
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
-        return (g.reshape(shape) * weight.float()).to(y.dtype)
+        if self.kernels:
+            return torch.ops.twotower.gated_rms_norm(y, z, weight, n_groups, eps)
+        return reference.gated_rms_norm_ref(y, z, weight, n_groups, eps)
 
     def split(self, x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
         """Split the last dim into pieces of the given widths."""
@@ -111,10 +125,6 @@ class TorchOps:
         self._op("add")
         return a + b
 
-    def mul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        self._op("mul")
-        return a * b
-
     def silu(self, x: torch.Tensor) -> torch.Tensor:
         self._op("silu")
         return F.silu(x)
@@ -123,12 +133,6 @@ class TorchOps:
         """relu(x)^2 with one rounding (relu of a bf16 value is exact)."""
         self._op("relu2")
         return torch.relu(x).square()
-
-    def modulate(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """bf16(bf16(x * bf16(1 + scale)) + shift), each step rounded (spec §5.1).
-        x [B, L, H]; shift, scale [B, 1, H]."""
-        self._op("modulate")
-        return x * (1 + scale) + shift
 
     def timestep_embedding(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """Sinusoidal embedding of t (masked fraction, [B]) -> [B, dim], cos first (spec §5.1).
@@ -147,9 +151,20 @@ class TorchOps:
 
     # ---- custom kernels -----------------------------------------------------------------------
     def block_attention(self, q, k, v, k_cache, v_cache, cache_lens, causal: bool, write_cache: bool):
-        """See ``plugins.reference.block_attention_ref``."""
+        """See ``plugins.reference.block_attention_ref``. ``cache_lens`` on the host (eager steps:
+        the kernel's grid is sized by their maximum, uploaded once per step) or on the device (CUDA
+        graphs: never read back; the grid covers the whole capacity)."""
         self._op("block_attention")
-        return self._block_attention(q, k, v, k_cache, v_cache, cache_lens, causal, write_cache)
+        if not self.kernels:
+            return reference.block_attention_ref(q, k, v, k_cache, v_cache, cache_lens, causal, write_cache)
+        if cache_lens.device.type == "cpu":
+            max_len = int(cache_lens.max()) if cache_lens.numel() else 0
+            if self._lengths[0] is not cache_lens:  # the same lengths tensor serves every layer of a step
+                self._lengths = (cache_lens, upload(cache_lens, q.device))
+            cache_lens = self._lengths[1]
+        else:
+            max_len = k_cache.shape[1] - q.shape[1]
+        return torch.ops.twotower.block_attention(q, k, v, k_cache, v_cache, cache_lens, max_len, causal, write_cache)
 
     def mamba_scan(self, xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
                    n_groups: int, head_dim: int, per_position: bool = False):
@@ -157,39 +172,43 @@ class TorchOps:
         with ``per_position`` also the conv state [B, L, C, W] and fp32 SSM state [B, L, H, P, N]
         after each token (speculative mode rolls back to them)."""
         self._op("mamba_scan")
+        args = (xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state, n_groups, head_dim)
+        if self.kernels:
+            y, new_conv, new_ssm, ssm_steps = torch.ops.twotower.seeded_mamba_scan(*args, per_position)
+        elif per_position:
+            y, new_conv, new_ssm, ssm_steps = reference.seeded_mamba_scan_ref(*args, return_steps=True)
+        else:
+            return _torch_mamba_scan(*args)
         if not per_position:
-            return self._mamba_scan(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
-                                    n_groups, head_dim)
-        scan = self._mamba_scan if self._mamba_scan is not _torch_mamba_scan else reference.seeded_mamba_scan_ref
-        y, new_conv, new_ssm, ssm_steps = scan(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state,
-                                               ssm_state, n_groups, head_dim, return_steps=True)
+            return y, new_conv, new_ssm
         return y, new_conv, new_ssm, reference.conv_state_steps(conv_state, xbc), ssm_steps
 
     # ---- MoE ----------------------------------------------------------------------------------
     def moe_route(self, x: torch.Tensor, router: torch.Tensor, correction_bias: torch.Tensor, top_k: int,
                   normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sigmoid router in fp64 (spec §3, R6 moe_router_dtype=fp64). The correction bias only
-        selects; weights are the plain sigmoid scores, renormalised, times ``scale``.
-        x [B, L, H] -> expert ids [B*L, k] (int64), weights [B*L, k] fp32. Among equal selection
-        scores torch.topk keeps the lower expert id first (deterministic on one device)."""
+        """Sigmoid router in fp64 (spec §3, R6 moe_router_dtype=fp64); see ``reference.moe_route_ref``.
+        x [B, L, H] -> expert ids [B*L, k] (int64), weights [B*L, k] fp32."""
         self._op("moe_route")
-        scores = torch.sigmoid(x.reshape(-1, x.shape[-1]).double() @ router.double().t())  # [n, E]
-        idx = torch.topk(scores + correction_bias.double(), top_k, dim=-1).indices
-        w = scores.gather(1, idx)
-        if normalize:
-            w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        return idx, (w * scale).float()
+        if self.kernels:
+            return torch.ops.twotower.moe_route(x, router, correction_bias, top_k, normalize, scale)
+        return reference.moe_route_ref(x, router, correction_bias, top_k, normalize, scale)
 
-    def moe_experts(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
-                    up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-        """Routed relu^2 experts. x [B, L, H]; idx, weights [n, k]; up [E, I, H]; down [E, H, I].
-
-        Grouped GEMMs over the (token, slot) pairs sorted by expert, no host synchronisation; each
-        token's k outputs are then summed in fp32 in ascending expert order and rounded once, as
-        ``reference.moe_experts_ref`` (the spec's loop, and the fallback without ``torch._grouped_mm``). Training
-        (autograd recording through the experts) also takes the loop: grouped GEMMs have no reliable
-        backward on the CPU."""
+    def moe_experts(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, up: torch.Tensor,
+                    down: torch.Tensor, shared: torch.Tensor | None = None) -> torch.Tensor:
+        """Routed relu^2 experts, plus the shared expert's output ``shared`` when given (one bf16 add).
+        x [B, L, H]; idx, weights [n, k]; up [E, I, H]; down [E, H, I]; shared [B, L, H]."""
         self._op("moe_experts")
+        if self.kernels:
+            return torch.ops.twotower.moe_experts(x, idx, weights, up, down, shared)
+        routed = self._routed_experts(x, idx, weights, up, down)
+        return routed if shared is None else routed + shared
+
+    def _routed_experts(self, x, idx, weights, up, down) -> torch.Tensor:
+        """Grouped GEMMs over the (token, slot) pairs sorted by expert, no host synchronisation; each
+        token's k outputs are then summed in fp32 in ascending expert order and rounded once, as
+        ``reference.moe_experts_ref`` (the spec's loop, and the fallback without ``torch._grouped_mm``).
+        Training (autograd recording through the experts) also takes the loop: grouped GEMMs have no
+        reliable backward on the CPU."""
         if not self.grouped_experts or (torch.is_grad_enabled() and (x.requires_grad or up.requires_grad)):
             return reference.moe_experts_ref(x, idx, weights, up, down)
         tokens = x.reshape(-1, x.shape[-1])  # [n, H]

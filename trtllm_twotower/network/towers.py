@@ -169,11 +169,8 @@ def forward_layers(ops, cfg: TwoTowerConfig, w: dict, ids, state: TowerState, *,
         if modulation is None:
             h = ops.rms_norm(x, lw["norm"], eps)
         else:
-            shift, scale, gate = layers.layer_modulation(ops, cfg, w["scale_shift"][i], modulation)
-            if kind in (MAMBA, ATTENTION):
-                h = ops.rms_norm(ops.modulate(x, shift, scale), lw["norm"], eps)
-            else:
-                h = ops.modulate(ops.rms_norm(x, lw["norm"], eps), shift, scale)
+            h = ops.modulated_rms_norm(x, lw["norm"], eps, w["scale_shift"][i], modulation,
+                                       modulate_first=kind in (MAMBA, ATTENTION))
         # mixer
         if kind == MAMBA:
             h, new_conv, new_ssm, steps = layers.mamba2(ops, cfg, lw, h, state.conv[i], state.ssm[i],
@@ -191,7 +188,7 @@ def forward_layers(ops, cfg: TwoTowerConfig, w: dict, ids, state: TowerState, *,
         elif kind == MLP:
             h = layers.relu2_mlp(ops, lw["up_proj"], lw["down_proj"], h)
         # residual (the denoiser gates the mixer output first)
-        x = ops.add(x, h if modulation is None else ops.mul(gate, h))
+        x = ops.add(x, h) if modulation is None else ops.gated_residual(x, h, w["scale_shift"][i], modulation)
     x = ops.rms_norm(x, w["norm_f"], eps)
     if not commit:
         return x, None

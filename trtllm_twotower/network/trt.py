@@ -95,9 +95,6 @@ class TrtOps:
     def add(self, a, b):
         return a + b
 
-    def mul(self, a, b):
-        return a * b
-
     def silu(self, x):
         return F.silu(x)
 
@@ -105,8 +102,21 @@ class TrtOps:
         r = F.relu(x)
         return r * r
 
-    def modulate(self, x, shift, scale):
-        return x * (scale + 1.0) + shift
+    def _modulation(self, table, m):
+        """shift, scale, gate [B, 1, D]: the rows of bf16(table + m.view(B, 3, D))."""
+        D = table.size(-1)  # static: the table is a weight
+        rows = table + self.split_heads(m, 3, D)  # [B, 3, D]
+        return [self.split_heads(r, 1, D) for r in self.split(self.merge_heads(rows), [D] * 3)]
+
+    def modulated_rms_norm(self, x, weight, eps, table, m, modulate_first):
+        shift, scale, _ = self._modulation(table, m)
+        if modulate_first:
+            return self.rms_norm(x * (scale + 1.0) + shift, weight, eps)
+        return self.rms_norm(x, weight, eps) * (scale + 1.0) + shift
+
+    def gated_residual(self, x, h, table, m):
+        _, _, gate = self._modulation(table, m)
+        return x + gate * h
 
     def timestep_embedding(self, t, dim):
         half = dim // 2
@@ -144,11 +154,12 @@ class TrtOps:
             w = w / (F.sum(w, dim=1, keepdim=True) + 1e-20)
         return idx, w * scale
 
-    def moe_experts(self, x, idx, weights, up, down):
+    def moe_experts(self, x, idx, weights, up, down, shared=None):
         from ..plugins.trt_layers import moe_experts_plugin
 
         flat = x.view(F.concat([F.shape(x, 0) * F.shape(x, 1), x.size(-1)]))  # [n, D]
-        return moe_experts_plugin(flat, idx, weights, up, down).view(F.shape(x))
+        routed = moe_experts_plugin(flat, idx, weights, up, down).view(F.shape(x))
+        return routed if shared is None else routed + shared
 
 
 def _np():
