@@ -89,7 +89,8 @@ class RowInvariantOps(TorchOps):
         self._op("mamba_scan")
         ys, convs, ssms, steps = [], [], [], []
         for b in range(xbc.shape[0]):
-            conv, ssm, row_y, row_steps = conv_state[b : b + 1], ssm_state[b : b + 1], [], []
+            conv, ssm, row_y = conv_state[b : b + 1], ssm_state[b : b + 1], []
+            row_steps = [ssm]
             for t in range(xbc.shape[1]):
                 y, conv, ssm = reference.seeded_mamba_scan_ref(xbc[b : b + 1, t : t + 1], dt[b : b + 1, t : t + 1],
                                                                conv_weight, conv_bias, dt_bias, A_log, D, conv, ssm,

@@ -54,14 +54,15 @@ def test_per_position_states_are_the_states_of_shorter_scans():
     args = _inputs(3, 9, seed=11)
     _, _, final, steps = seeded_mamba_scan_ref(**args, return_steps=True)
     conv_steps = conv_state_steps(args["conv_state"], args["xbc"])
-    assert steps.shape == (3, 9, 4, 8, 16) and conv_steps.shape == (3, 9, args["xbc"].shape[2], 4)
+    assert steps.shape == (3, 10, 4, 8, 16) and conv_steps.shape == (3, 10, args["xbc"].shape[2], 4)
     assert torch.equal(steps[:, -1], final)
+    assert torch.equal(steps[:, 0], args["ssm_state"]) and torch.equal(conv_steps[:, 0], args["conv_state"])
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     for j in (0, 3, 8):
         short = {**args, "xbc": args["xbc"][:, : j + 1], "dt": args["dt"][:, : j + 1]}
         _, conv_j, state_j = seeded_mamba_scan_ref(**short)
-        assert torch.equal(conv_steps[:, j], conv_j)
-        assert rel(steps[:, j], state_j) < 1e-6
-        for other in (j - 1, j + 1):
-            if 0 <= other < 9:
+        assert torch.equal(conv_steps[:, j + 1], conv_j)
+        assert rel(steps[:, j + 1], state_j) < 1e-6
+        for other in (j, j + 2):
+            if 0 <= other <= 9:
                 assert rel(steps[:, other], state_j) > 1e-3

@@ -57,6 +57,12 @@ def test_gated_rms_norm_on_a_column_slice(dtype):
     close(norms.gated_rms_norm(y, z, w, G, 1e-5), reference.gated_rms_norm_ref(y, z, w, G, 1e-5), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_relu2(dtype):
+    x = rand(3, 1500, gen=torch.Generator().manual_seed(10), dtype=dtype)  # two programs, the second partial
+    assert torch.equal(moe.relu2(x), reference.relu2_ref(x))
+
+
 # ---- MoE -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("top_k,experts", [(2, 8), (6, 20)])
 def test_moe_route(top_k, experts):
@@ -163,11 +169,12 @@ def test_seeded_mamba_scan(dtype, L):
     conv_state = rand(B, C, W, gen=gen, dtype=dtype)
     ssm_state = rand(B, H, P, N, gen=gen, scale=3.0)  # a large, non-zero seed
     args = (xbc, dt, conv_w, conv_b, dt_bias, A_log, D, conv_state, ssm_state, G, P)
-    y, conv, ssm, steps = mamba.seeded_mamba_scan(*args, return_steps=True)
+    y, conv, ssm, conv_steps, ssm_steps = mamba.seeded_mamba_scan(*args, return_steps=True)
     want_y, want_conv, want_ssm, want_steps = reference.seeded_mamba_scan_ref(*args, return_steps=True)
     close(y, want_y, dtype, fp32_tol=1e-5)
     assert torch.equal(conv, want_conv)  # raw columns: no arithmetic
+    assert torch.equal(conv_steps, reference.conv_state_steps(conv_state, xbc))
     torch.testing.assert_close(ssm, want_ssm, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(steps, want_steps, rtol=1e-5, atol=1e-5)
-    y2, conv2, ssm2 = mamba.seeded_mamba_scan(*args)
-    assert torch.equal(y2, y) and torch.equal(ssm2, ssm)
+    torch.testing.assert_close(ssm_steps, want_steps, rtol=1e-5, atol=1e-5)
+    y2, conv2, ssm2, no_conv_steps, no_ssm_steps = mamba.seeded_mamba_scan(*args)
+    assert torch.equal(y2, y) and torch.equal(ssm2, ssm) and no_conv_steps.numel() == no_ssm_steps.numel() == 0

@@ -27,7 +27,8 @@ def mamba2(ops, cfg: TwoTowerConfig, w: dict, h, conv_state, ssm_state, per_posi
 
     h [B, L, D]; conv_state [B, C, W] (last raw xBC columns); ssm_state [B, heads, P, N] fp32.
     Returns (out [B, L, D], new conv_state, new ssm_state, steps): steps is None, or with
-    ``per_position`` (conv states [B, L, C, W], fp32 ssm states [B, L, heads, P, N]) after each token."""
+    ``per_position`` (conv states [B, L + 1, C, W], fp32 ssm states [B, L + 1, heads, P, N]) after
+    each prefix of the chunk (index 0 = the seed)."""
     # in_proj: z ‖ xBC ‖ dt
     proj = ops.linear(h, w["in_proj"])  # [B, L, d_inner + conv_dim + heads]
     z, xbc, dt = ops.split(proj, [cfg.d_inner, cfg.conv_dim, cfg.mamba_num_heads])

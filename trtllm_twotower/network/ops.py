@@ -132,7 +132,9 @@ class TorchOps:
     def relu2(self, x: torch.Tensor) -> torch.Tensor:
         """relu(x)^2 with one rounding (relu of a bf16 value is exact)."""
         self._op("relu2")
-        return torch.relu(x).square()
+        if self.kernels:
+            return torch.ops.twotower.relu2(x)
+        return reference.relu2_ref(x)
 
     def timestep_embedding(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """Sinusoidal embedding of t (masked fraction, [B]) -> [B, dim], cos first (spec §5.1).
@@ -169,21 +171,18 @@ class TorchOps:
     def mamba_scan(self, xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
                    n_groups: int, head_dim: int, per_position: bool = False):
         """See ``plugins.reference.seeded_mamba_scan_ref``: (y, new conv state, new fp32 ssm state);
-        with ``per_position`` also the conv state [B, L, C, W] and fp32 SSM state [B, L, H, P, N]
-        after each token (speculative mode rolls back to them)."""
+        with ``per_position`` also the conv states [B, L + 1, C, W] and fp32 SSM states
+        [B, L + 1, H, P, N] after each prefix of the chunk, 0 = the seed (speculative rollback)."""
         self._op("mamba_scan")
         args = (xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state, n_groups, head_dim)
         if self.kernels:
-            y, new_conv, new_ssm, ssm_steps = torch.ops.twotower.seeded_mamba_scan(*args, per_position)
-        elif per_position:
-            y, new_conv, new_ssm, ssm_steps = reference.seeded_mamba_scan_ref(*args, return_steps=True)
-        else:
-            return _torch_mamba_scan(*args)
+            y, new_conv, new_ssm, conv_steps, ssm_steps = torch.ops.twotower.seeded_mamba_scan(*args, per_position)
+            return (y, new_conv, new_ssm, conv_steps, ssm_steps) if per_position else (y, new_conv, new_ssm)
         if not per_position:
-            return y, new_conv, new_ssm
+            return _torch_mamba_scan(*args)
+        y, new_conv, new_ssm, ssm_steps = reference.seeded_mamba_scan_ref(*args, return_steps=True)
         return y, new_conv, new_ssm, reference.conv_state_steps(conv_state, xbc), ssm_steps
 
-    # ---- MoE ----------------------------------------------------------------------------------
     def moe_route(self, x: torch.Tensor, router: torch.Tensor, correction_bias: torch.Tensor, top_k: int,
                   normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Sigmoid router in fp64 (spec §3, R6 moe_router_dtype=fp64); see ``reference.moe_route_ref``.

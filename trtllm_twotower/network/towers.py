@@ -177,9 +177,8 @@ def forward_layers(ops, cfg: TwoTowerConfig, w: dict, ids, state: TowerState, *,
                                                         per_position=commit and trace)
             if commit:
                 conv[i], ssm[i] = new_conv, new_ssm
-            if steps is not None:  # index 0 = before the extend
-                conv_steps[i] = torch.cat([state.conv[i][:, None], steps[0]], dim=1)
-                ssm_steps[i] = torch.cat([state.ssm[i][:, None], steps[1]], dim=1)
+            if steps is not None:  # index j = after the first j tokens (0 = before the extend)
+                conv_steps[i], ssm_steps[i] = steps
         elif kind == ATTENTION:
             h = layers.attention(ops, cfg, lw, h, state.keys[i], state.values[i], state.lengths,
                                  causal=causal, write_cache=commit)

@@ -6,7 +6,8 @@ the (token, query head) pairs of that kv head's GQA group, so each K/V tile is r
 its query heads (the 16 heads of a 32/2 model). Online softmax in fp32 (scores scaled into the
 exp2 domain). Short steps over a long cache split the cache over several programs
 (flash-decoding): each writes its partial (max, sum, weighted values) and ``_combine_kernel``
-merges them, a second launch; the chunk's own keys go to the last split. The program that owns
+merges them, a second launch; the chunk's own keys go to the last split. The split count is a
+runtime argument: one compiled kernel serves every context length. The program that owns
 (row, kv head, first query block, split 0) appends the chunk's K/V to the cache when asked
 (``write_cache``): only slots at or past ``len`` are written, which no program reads.
 """
@@ -61,9 +62,9 @@ def _online_softmax_tile(q, keys_ptr, values_ptr, key_offsets, key_ok, visible, 
 @triton.jit
 def _block_attention_kernel(
     q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, lens_ptr, out_ptr, part_acc_ptr, part_stats_ptr,
-    L, KV, split_len, qk_scale,
+    L, KV, num_splits, split_len, qk_scale,
     q_sb, q_sl, q_sh, k_sb, k_sl, k_sh, c_sb, c_ss, c_sh, o_sb, o_sl, o_sh,
-    G: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, SPLITS: tl.constexpr,
+    G: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr,
     CAUSAL: tl.constexpr, WRITE_CACHE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -94,7 +95,7 @@ def _block_attention_kernel(
         m_i, l_i, acc = _online_softmax_tile(q, k_cache_ptr + cache_base, v_cache_ptr + cache_base, s * c_ss, s_ok,
                                              s_ok[None, :] & row_ok[:, None], m_i, l_i, acc, p, p_ok, PRECISION)
     # 2. the chunk's own keys (last split): all of them, or keys j <= token when causal
-    if split == SPLITS - 1:
+    if split == num_splits - 1:
         own_base = b.to(tl.int64) * k_sb + kv_head * k_sh
         for start in range(0, L, BLOCK_N):
             j = start + tl.arange(0, BLOCK_N)
@@ -105,12 +106,12 @@ def _block_attention_kernel(
             m_i, l_i, acc = _online_softmax_tile(q, k_ptr + own_base, v_ptr + own_base, j * k_sl, j_ok, visible,
                                                  m_i, l_i, acc, p, p_ok, PRECISION)
     # 3. the result, or this split's partial
-    if SPLITS == 1:
+    if not SPLIT:
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         tl.store(out_ptr + b * o_sb + token[:, None] * o_sl + head[:, None] * o_sh + p[None, :],
                  to_storage(out, out_ptr.dtype.element_ty), mask=row_ok[:, None] & p_ok[None, :])
     else:
-        part = (row_head * SPLITS + split) * L * G + rows  # [B*KV, SPLITS, L*G]
+        part = (row_head * num_splits + split) * L * G + rows  # [B*KV, splits, L*G]
         tl.store(part_acc_ptr + part[:, None].to(tl.int64) * BLOCK_P + p[None, :], acc, mask=row_ok[:, None])
         tl.store(part_stats_ptr + part * 2, m_i, mask=row_ok)
         tl.store(part_stats_ptr + part * 2 + 1, l_i, mask=row_ok)
@@ -128,9 +129,8 @@ def _block_attention_kernel(
 
 
 @triton.jit
-def _combine_kernel(part_acc_ptr, part_stats_ptr, out_ptr, L, KV, o_sb, o_sl, o_sh,
-                    G: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, SPLITS: tl.constexpr,
-                    BLOCK_M: tl.constexpr):
+def _combine_kernel(part_acc_ptr, part_stats_ptr, out_ptr, L, KV, num_splits, o_sb, o_sl, o_sh,
+                    G: tl.constexpr, P: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr):
     row_head = tl.program_id(0)
     b = row_head // KV
     kv_head = row_head % KV
@@ -142,8 +142,8 @@ def _combine_kernel(part_acc_ptr, part_stats_ptr, out_ptr, L, KV, o_sb, o_sl, o_
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_P], tl.float32)
-    for split in range(0, SPLITS):
-        part = (row_head * SPLITS + split) * L * G + rows
+    for split in range(0, num_splits):
+        part = (row_head * num_splits + split) * L * G + rows
         m_s = tl.load(part_stats_ptr + part * 2, mask=row_ok, other=float("-inf"))
         l_s = tl.load(part_stats_ptr + part * 2 + 1, mask=row_ok, other=0.0)
         a_s = tl.load(part_acc_ptr + part[:, None].to(tl.int64) * BLOCK_P + p[None, :], mask=row_ok[:, None], other=0.0)
@@ -183,14 +183,14 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     grid = (B * KV, triton.cdiv(rows, BLOCK_M), splits)
     _block_attention_kernel[grid](
         q, k, v, k_cache, v_cache, cache_lens, out, part_acc, part_stats,
-        L, KV, split_len, 1.0 / math.sqrt(P) * 1.4426950408889634,
+        L, KV, splits, split_len, 1.0 / math.sqrt(P) * 1.4426950408889634,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        G=G, P=P, BLOCK_P=block_p, SPLITS=splits, CAUSAL=causal, WRITE_CACHE=write_cache, PRECISION=precision,
+        G=G, P=P, BLOCK_P=block_p, SPLIT=splits > 1, CAUSAL=causal, WRITE_CACHE=write_cache, PRECISION=precision,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
     )
     if splits > 1:
         _combine_kernel[(B * KV, triton.cdiv(rows, BLOCK_M))](
-            part_acc, part_stats, out, L, KV, out.stride(0), out.stride(1), out.stride(2),
-            G=G, P=P, BLOCK_P=block_p, SPLITS=splits, BLOCK_M=BLOCK_M)
+            part_acc, part_stats, out, L, KV, splits, out.stride(0), out.stride(1), out.stride(2),
+            G=G, P=P, BLOCK_P=block_p, BLOCK_M=BLOCK_M)
     return out

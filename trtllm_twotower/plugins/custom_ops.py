@@ -81,6 +81,24 @@ def _(y, z, weight, n_groups, eps):
     return torch.empty(y.shape, dtype=y.dtype, device=y.device)
 
 
+@custom_op("twotower::relu2", mutates_args=())
+def relu2(x: Tensor) -> Tensor:
+    """relu(x)^2, one rounding (``reference.relu2_ref``)."""
+    return reference.relu2_ref(x)
+
+
+@relu2.register_kernel("cuda")
+def _(x):
+    from . import moe
+
+    return moe.relu2(x)
+
+
+@relu2.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
 # ---- MoE -----------------------------------------------------------------------------------------
 @custom_op("twotower::moe_route", mutates_args=())
 def moe_route(x: Tensor, router: Tensor, correction_bias: Tensor, top_k: int, normalize: bool,
@@ -145,29 +163,34 @@ def _(q, k, v, k_cache, v_cache, cache_lens, max_len, causal, write_cache):
 @custom_op("twotower::seeded_mamba_scan", mutates_args=())
 def seeded_mamba_scan(xbc: Tensor, dt: Tensor, conv_weight: Tensor, conv_bias: Tensor, dt_bias: Tensor, A_log: Tensor,
                       D: Tensor, conv_state: Tensor, ssm_state: Tensor, n_groups: int, head_dim: int,
-                      return_steps: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                      return_steps: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Seeded conv + selective scan (``reference.seeded_mamba_scan_ref``) -> y, new conv state, new
-    fp32 SSM state, and the SSM state after every token (an empty tensor unless ``return_steps``)."""
+    fp32 SSM state, and the conv and SSM states after each prefix of the chunk ([B, L + 1, ...],
+    empty tensors unless ``return_steps``)."""
     out = reference.seeded_mamba_scan_ref(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
                                           n_groups, head_dim, return_steps=return_steps)
-    return out if return_steps else (*out, ssm_state.new_empty(0))
+    if not return_steps:
+        return (*out, conv_state.new_empty(0), ssm_state.new_empty(0))
+    y, new_conv, new_ssm, ssm_steps = out
+    return y, new_conv, new_ssm, reference.conv_state_steps(conv_state, xbc), ssm_steps
 
 
 @seeded_mamba_scan.register_kernel("cuda")
 def _(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state, n_groups, head_dim, return_steps):
     from . import mamba
 
-    out = mamba.seeded_mamba_scan(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
-                                  n_groups, head_dim, return_steps=return_steps)
-    return out if return_steps else (*out, ssm_state.new_empty(0))
+    return mamba.seeded_mamba_scan(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
+                                   n_groups, head_dim, return_steps=return_steps)
 
 
 @seeded_mamba_scan.register_fake
 def _(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state, n_groups, head_dim, return_steps):
     B, L, _ = xbc.shape
     H = dt.shape[2]
-    steps = (ssm_state.new_empty((B, L, *ssm_state.shape[1:])) if return_steps else ssm_state.new_empty(0))
-    return (xbc.new_empty((B, L, H * head_dim)), torch.empty_like(conv_state), torch.empty_like(ssm_state), steps)
+    conv_steps = conv_state.new_empty((B, L + 1, *conv_state.shape[1:]) if return_steps else 0)
+    ssm_steps = ssm_state.new_empty((B, L + 1, *ssm_state.shape[1:]) if return_steps else 0)
+    return (xbc.new_empty((B, L, H * head_dim)), torch.empty_like(conv_state), torch.empty_like(ssm_state),
+            conv_steps, ssm_steps)
 
 
 # ---- launch counts -------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ the conv of its own x channels and of its group's B and C channels (the B/C conv
 the heads sharing a group: W taps per channel, cheaper than a second launch). Per token, as the
 reference: conv in fp32 in tap order, SiLU, rounded to the storage dtype; dt = softplus(dt +
 dt_bias) in fp32; S = exp(dt A) S + (dt x) ⊗ B; y = S·C + D x, rounded once. The new conv state is
-the last W raw columns of ``conv_state ‖ xbc``; with ``return_steps`` the state after every token
-is written too (speculative rollback). The scan is sequential in the chunk: exact for the 1- and
+the last W raw columns of ``conv_state ‖ xbc``; with ``return_steps`` the conv and SSM states after
+every prefix of the chunk are written too (speculative rollback). The scan is sequential in the chunk: exact for the 1- and
 16-token steps this runtime issues; a long prefill is latency-bound here (the torch path uses the
 chunked SSD form there; a chunked Triton form is the lever for prefills).
 """
@@ -50,23 +50,33 @@ def _softplus(x):
 
 
 @triton.jit
-def _new_conv_state(xbc_ptr, conv_state_ptr, new_conv_ptr, channels, ok, b, L, xbc_sb, xbc_sl, C,
-                    W: tl.constexpr):
-    """new_conv[:, j] = (conv_state ‖ xbc)[:, L + j] for j < W (raw columns)."""
-    for j in tl.static_range(W):
-        i = L + j + 0 * channels  # per channel
+def _conv_window(xbc_ptr, conv_state_ptr, out_ptr, channels, ok, b, j, xbc_sb, xbc_sl, C, W: tl.constexpr):
+    """out[:, w] = (conv_state ‖ xbc)[:, j + w] for w < W: the conv state after the first j tokens
+    (raw columns, representable in the state's dtype). ``out_ptr`` points at row b's [C, W]."""
+    for w in tl.static_range(W):
+        i = j + w + 0 * channels  # per channel
         in_state = i < W
         old = tl.load(conv_state_ptr + b * C * W + channels * W + i, mask=ok & in_state, other=0.0)
         new = tl.load(xbc_ptr + b * xbc_sb + (i - W) * xbc_sl + channels, mask=ok & (i >= W), other=0.0)
         value = tl.where(in_state, old.to(tl.float32), new.to(tl.float32))
-        # raw columns: representable in the state's dtype
-        tl.store(new_conv_ptr + b * C * W + channels * W + j, value.to(new_conv_ptr.dtype.element_ty), mask=ok)
+        tl.store(out_ptr + channels * W + w, value.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _conv_windows(xbc_ptr, conv_state_ptr, new_conv_ptr, conv_steps_ptr, channels, ok, b, L, xbc_sb, xbc_sl, C,
+                  W: tl.constexpr, RETURN_STEPS: tl.constexpr):
+    """The new conv state (after all L tokens) and, with RETURN_STEPS, the state after each prefix."""
+    _conv_window(xbc_ptr, conv_state_ptr, new_conv_ptr + b * C * W, channels, ok, b, L, xbc_sb, xbc_sl, C, W)
+    if RETURN_STEPS:  # [B, L + 1, C, W]
+        for j in range(0, L + 1):
+            _conv_window(xbc_ptr, conv_state_ptr, conv_steps_ptr + (b * (L + 1) + j).to(tl.int64) * C * W, channels,
+                         ok, b, j, xbc_sb, xbc_sl, C, W)
 
 
 @triton.jit
 def _seeded_mamba_scan_kernel(
     xbc_ptr, dt_ptr, conv_w_ptr, conv_b_ptr, dt_bias_ptr, a_log_ptr, d_ptr, conv_state_ptr, ssm_ptr,
-    y_ptr, new_conv_ptr, new_ssm_ptr, steps_ptr,
+    y_ptr, new_conv_ptr, new_ssm_ptr, conv_steps_ptr, ssm_steps_ptr,
     L, C, xbc_sb, xbc_sl, dt_sb, dt_sl,
     H: tl.constexpr, P: tl.constexpr, N: tl.constexpr, G: tl.constexpr, W: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, RETURN_STEPS: tl.constexpr,
@@ -89,6 +99,9 @@ def _seeded_mamba_scan_kernel(
     state_offsets = ((b * H + h) * P + p[:, None]).to(tl.int64) * N + n[None, :]  # [BLOCK_P, BLOCK_N]
     state_ok = p_ok[:, None] & n_ok[None, :]
     state = tl.load(ssm_ptr + state_offsets, mask=state_ok, other=0.0)
+    if RETURN_STEPS:  # [B, L + 1, H, P, N], index j = after the first j tokens
+        step0 = (((b * (L + 1)).to(tl.int64) * H + h) * P + p[:, None]) * N + n[None, :]
+        tl.store(ssm_steps_ptr + step0, state, mask=state_ok)
     for t in range(0, L):
         x = _conv_silu(xbc_ptr, conv_state_ptr, conv_w_ptr, conv_b_ptr, x_channels, p_ok, t, b, xbc_sb, xbc_sl, C,
                        W, dtype)
@@ -100,22 +113,26 @@ def _seeded_mamba_scan_kernel(
         state = tl.exp(dt * A) * state + (dt * x)[:, None] * B[None, :]
         y = tl.sum(state * Cm[None, :], axis=1) + D * x
         tl.store(y_ptr + (b * L + t).to(tl.int64) * H * P + x_channels, to_storage(y, dtype), mask=p_ok)
-        if RETURN_STEPS:  # [B, L, H, P, N]
-            step = (((b * L + t).to(tl.int64) * H + h) * P + p[:, None]) * N + n[None, :]
-            tl.store(steps_ptr + step, state, mask=state_ok)
+        if RETURN_STEPS:
+            step = (((b * (L + 1) + t + 1).to(tl.int64) * H + h) * P + p[:, None]) * N + n[None, :]
+            tl.store(ssm_steps_ptr + step, state, mask=state_ok)
     tl.store(new_ssm_ptr + state_offsets, state, mask=state_ok)
-    _new_conv_state(xbc_ptr, conv_state_ptr, new_conv_ptr, x_channels, p_ok, b, L, xbc_sb, xbc_sl, C, W)
+    _conv_windows(xbc_ptr, conv_state_ptr, new_conv_ptr, conv_steps_ptr, x_channels, p_ok, b, L, xbc_sb, xbc_sl, C,
+                  W, RETURN_STEPS)
     if (h % (H // G) == 0) & (p_block == 0):  # one program per group writes its B and C columns
-        _new_conv_state(xbc_ptr, conv_state_ptr, new_conv_ptr, b_channels, n_ok, b, L, xbc_sb, xbc_sl, C, W)
-        _new_conv_state(xbc_ptr, conv_state_ptr, new_conv_ptr, c_channels, n_ok, b, L, xbc_sb, xbc_sl, C, W)
+        _conv_windows(xbc_ptr, conv_state_ptr, new_conv_ptr, conv_steps_ptr, b_channels, n_ok, b, L, xbc_sb, xbc_sl,
+                      C, W, RETURN_STEPS)
+        _conv_windows(xbc_ptr, conv_state_ptr, new_conv_ptr, conv_steps_ptr, c_channels, n_ok, b, L, xbc_sb, xbc_sl,
+                      C, W, RETURN_STEPS)
 
 
 def seeded_mamba_scan(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state, n_groups: int,
                       head_dim: int, return_steps: bool = False):
     """xbc [B, L, C] and dt [B, L, H] (column slices of the in_proj output are fine); conv_weight
     [C, W]; conv_bias [C]; dt_bias, A_log, D [H]; conv_state [B, C, W]; ssm_state [B, H, P, N] fp32
-    -> y [B, L, H*P] (dtype of xbc), new conv state [B, C, W], new fp32 SSM state [B, H, P, N]
-    (+ the fp32 SSM state after each token [B, L, H, P, N] with ``return_steps``)."""
+    -> y [B, L, H*P] (dtype of xbc), new conv state [B, C, W], new fp32 SSM state [B, H, P, N],
+    and with ``return_steps`` the conv [B, L + 1, C, W] and fp32 SSM [B, L + 1, H, P, N] states
+    after each prefix of the chunk (index 0 = the seed; empty tensors otherwise)."""
     B, L, C = xbc.shape
     H = dt.shape[2]
     W = conv_weight.shape[1]
@@ -129,14 +146,13 @@ def seeded_mamba_scan(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_s
     y = torch.empty((B, L, H * P), dtype=xbc.dtype, device=xbc.device)
     new_conv = torch.empty_like(conv_state)
     new_ssm = torch.empty_like(ssm_state)
-    steps = torch.empty((B, L, H, P, N), dtype=torch.float32, device=xbc.device) if return_steps else new_ssm
+    conv_steps = conv_state.new_empty((B, L + 1, C, W) if return_steps else 0)
+    ssm_steps = ssm_state.new_empty((B, L + 1, H, P, N) if return_steps else 0)
     if B:
         _seeded_mamba_scan_kernel[(B, H, triton.cdiv(P, BLOCK_P))](
             xbc, dt, conv_weight.contiguous(), conv_bias.contiguous(), dt_bias.contiguous(), A_log.contiguous(),
-            D.contiguous(), conv_state, ssm_state, y, new_conv, new_ssm, steps,
+            D.contiguous(), conv_state, ssm_state, y, new_conv, new_ssm, conv_steps, ssm_steps,
             L, C, xbc.stride(0), xbc.stride(1), dt.stride(0), dt.stride(1),
             H=H, P=P, N=N, G=G, W=W, BLOCK_P=BLOCK_P, BLOCK_N=triton.next_power_of_2(N), RETURN_STEPS=return_steps,
         )
-    if return_steps:
-        return y, new_conv, new_ssm, steps
-    return y, new_conv, new_ssm
+    return y, new_conv, new_ssm, conv_steps, ssm_steps

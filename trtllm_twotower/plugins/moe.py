@@ -1,4 +1,5 @@
-"""Triton kernels of the MoE layer: the router in one launch, the routed relu^2 experts in four.
+"""Triton kernels of the MoE layer: the router in one launch, the routed relu^2 experts in four,
+and relu^2 itself (the shared expert's and the dense MLP's activation) in one.
 
 ``moe_route`` (reference ``reference.moe_route_ref``): per token, the fp64 router GEMV, sigmoid,
 correction bias, top-k, renormalisation and scale (torch: ~12 kernels).
@@ -34,6 +35,24 @@ BLOCK_M = 16  # rows of one expert block: decode and denoiser steps route few to
 
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ---- relu^2 (dense MLP, shared expert) -------------------------------------------------------------
+@triton.jit
+def _relu2_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    x = tl.maximum(tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32), 0.0)
+    tl.store(out_ptr + offsets, to_storage(x * x, out_ptr.dtype.element_ty), mask=mask)
+
+
+def relu2(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2, one rounding (``reference.relu2_ref``; torch launches two kernels)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    if x.numel():
+        _relu2_kernel[(triton.cdiv(x.numel(), 1024),)](x, out, x.numel(), BLOCK=1024)
+    return out
 
 
 # ---- router ------------------------------------------------------------------------------------

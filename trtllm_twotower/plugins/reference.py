@@ -26,6 +26,11 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
     return (weight.float() * y).to(x.dtype)
 
 
+def relu2_ref(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2 with one rounding (relu of a bf16 value is exact)."""
+    return torch.relu(x).square()
+
+
 def modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """bf16(bf16(x * bf16(1 + scale)) + shift), each step rounded (spec §5.1)."""
     return x * (1 + scale) + shift
@@ -165,8 +170,9 @@ def seeded_mamba_scan_ref(
 
     Returns ``y`` [B, L, H*P] (dtype of xbc; C·S + D·x, before the gated norm), the new conv state
     [B, C, W] (last W raw columns of ``conv_state ‖ xbc``, dtype of conv_state) and the new fp32 SSM
-    state [B, H, P, N]; with ``return_steps`` also the fp32 SSM state after each token
-    [B, L, H, P, N] (speculative mode rolls the context back to any of them). The inputs are not
+    state [B, H, P, N]; with ``return_steps`` also the fp32 SSM state after each prefix of the
+    chunk [B, L + 1, H, P, N] (index j = after the first j tokens; 0 = the seed; speculative mode
+    rolls the context back to any of them). The inputs are not
     modified; the denoiser simply drops the new states.
     Head h reads group h // (H // G). The conv is seeded with the last W-1 columns of conv_state.
     """
@@ -175,7 +181,7 @@ def seeded_mamba_scan_ref(
                                                        conv_state, n_groups, head_dim)
     # 3. sequential recurrence: S = exp(dt A) S + dt x ⊗ B; y = S C + D x
     state = ssm_state.float().clone()  # [B, H, P, N]
-    ys, steps = [], []
+    ys, steps = [], [state]
     for t in range(L):
         decay = torch.exp(dt[:, t] * A)  # [B, H]
         state = decay[:, :, None, None] * state + (dt[:, t, :, None] * x[:, t])[..., None] * Bm[:, t, :, None, :]
@@ -184,18 +190,17 @@ def seeded_mamba_scan_ref(
     y = torch.stack(ys, dim=1).reshape(B, L, -1) if L else x.reshape(B, 0, -1)
     # 4. one rounding of y to the compute dtype
     if return_steps:
-        ssm_steps = torch.stack(steps, dim=1) if L else state.new_empty((B, 0, *state.shape[1:]))
-        return y.to(xbc.dtype), new_conv_state, state, ssm_steps
+        return y.to(xbc.dtype), new_conv_state, state, torch.stack(steps, dim=1)
     return y.to(xbc.dtype), new_conv_state, state
 
 
 def conv_state_steps(conv_state: torch.Tensor, xbc: torch.Tensor) -> torch.Tensor:
-    """The conv state after each of the L new tokens: [B, L, C, W], entry t = the last W raw
-    columns of ``conv_state ‖ xbc[:, :t+1]`` (layout only; no arithmetic). conv_state [B, C, W],
-    xbc [B, L, C]."""
+    """The conv state after each prefix of the L new tokens: [B, L + 1, C, W], entry j = the last W
+    raw columns of ``conv_state ‖ xbc[:, :j]`` (0 = conv_state; layout only, no arithmetic).
+    conv_state [B, C, W], xbc [B, L, C]."""
     W = conv_state.shape[2]
     seq = torch.cat([conv_state, xbc.transpose(1, 2).to(conv_state.dtype)], dim=2)  # [B, C, W + L]
-    return seq.unfold(2, W, 1)[:, :, 1:].permute(0, 2, 1, 3)  # [B, L, C, W]
+    return seq.unfold(2, W, 1).permute(0, 2, 1, 3)  # [B, L + 1, C, W]
 
 
 def _conv_and_params(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, conv_state, n_groups: int, head_dim: int):

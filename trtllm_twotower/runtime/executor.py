@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from ..devices import upload
 from ..network import towers
 from ..network.ops import TorchOps
 from .graphs import GraphCache
@@ -105,7 +106,7 @@ class TorchExecutor:
         for prompt in prompts:
             state = towers.empty_state(self.cfg, 1, capacity, self.dtype, self.context_device)
             if prompt:
-                ids = torch.tensor([prompt], device=self.context_device)
+                ids = upload([prompt], self.context_device)
                 hidden, state = towers.forward_layers(self.ctx_ops, self.cfg, self.ctx_weights, ids, state,
                                                       causal=True, commit=True)
                 last.append(self.ctx_ops.logits(hidden[:, -1], self.ctx_weights["lm_head"]))
