@@ -8,7 +8,7 @@ TensorRT-LLM's MODEL_MAP and loads this project's plugin library (which register
 """
 
 from trtllm_twotower.network import trt as _trt
-from trtllm_twotower.plugins.kernels import load_trt_plugins
+from trtllm_twotower.plugins.plugin_library import load_trt_plugins
 
 _trt._require()
 TwoTowerContextForCausalLM = _trt.MODEL_CLASSES["context"]

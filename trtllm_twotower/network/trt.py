@@ -191,9 +191,9 @@ def inspect_engine(engine_dir: Path) -> int:
     if not engine.is_file():
         print(f"error: no rank0.engine in {engine_dir}", file=sys.stderr)
         return 2
-    from ..plugins import kernels
+    from ..plugins import plugin_library
 
-    plugins = kernels.library_path("libtwotower_plugins.so")
+    plugins = plugin_library.library_path("libtwotower_plugins.so")
     return subprocess.call([sys.executable, "-m", "polygraphy", "inspect", "model", str(engine), "--model-type",
                             "engine", "--show", "layers", "attrs", "--plugins", str(plugins)])
 
@@ -219,9 +219,9 @@ def build_engines(checkpoints: dict, out_dir: Path, cfg, limits, workers: int = 
     from tensorrt_llm.builder import build
 
     from ..engine_io import write_manifest
-    from ..plugins import kernels
+    from ..plugins import plugin_library
 
-    plugin_lib = kernels.load_trt_plugins()  # registers the twotower creators
+    plugin_lib = plugin_library.load_trt_plugins()  # registers the twotower creators
     for tower, ckpt in checkpoints.items():
         model = MODEL_CLASSES[tower].from_checkpoint(str(ckpt))
         engine = build(model, build_config(limits, out_dir))

@@ -145,7 +145,8 @@ def block_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
                     max_len: int, causal: bool, write_cache: bool) -> Tensor:
     """An L-token chunk over cache[0:len] ‖ its own K/V (``reference.block_attention_ref``);
     ``max_len`` ≥ every length, known on the host."""
-    return reference.block_attention_ref(q, k, v, k_cache, v_cache, cache_lens, causal, write_cache)
+    out = reference.block_attention_ref(q, k, v, k_cache, v_cache, cache_lens, causal, write_cache)
+    return out.contiguous()  # the layout the kernel (and the fake) produce
 
 
 @block_attention.register_kernel("cuda")
@@ -170,9 +171,11 @@ def seeded_mamba_scan(xbc: Tensor, dt: Tensor, conv_weight: Tensor, conv_bias: T
     out = reference.seeded_mamba_scan_ref(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
                                           n_groups, head_dim, return_steps=return_steps)
     if not return_steps:
-        return (*out, conv_state.new_empty(0), ssm_state.new_empty(0))
-    y, new_conv, new_ssm, ssm_steps = out
-    return y, new_conv, new_ssm, reference.conv_state_steps(conv_state, xbc), ssm_steps
+        out = (*out, conv_state.new_empty(0), ssm_state.new_empty(0))
+    else:
+        y, new_conv, new_ssm, ssm_steps = out
+        out = (y, new_conv, new_ssm, reference.conv_state_steps(conv_state, xbc), ssm_steps)
+    return tuple(t.contiguous() for t in out)  # the layout the kernel (and the fake) produce
 
 
 @seeded_mamba_scan.register_kernel("cuda")

@@ -1,6 +1,6 @@
 """Add the project's IPluginV3 layers to a TensorRT-LLM network (NOT EXECUTED here: needs
 TensorRT-LLM 1.2). Same arguments as the torch references; the plugin library must be loaded first
-(``kernels.load_trt_plugins``). Follows TensorRT-LLM's own V3 pattern (functional.py ``dora_plugin``):
+(``plugin_library.load_trt_plugins``). Follows TensorRT-LLM's own V3 pattern (functional.py ``dora_plugin``):
 registry creator -> ``create_plugin(..., TensorRTPhase.BUILD)`` -> ``add_plugin_v3`` -> ``_create_tensor``.
 Every input is a network Tensor (weights as ``Parameter.value``).
 """
@@ -22,7 +22,7 @@ def _add_plugin(name: str, fields: dict[str, int], inputs: list, layer_name: str
     creator = trt.get_plugin_registry().get_creator(name, VERSION, NAMESPACE)
     if creator is None:
         raise RuntimeError(f"plugin {NAMESPACE}::{name} v{VERSION} is not registered: call "
-                           "trtllm_twotower.plugins.kernels.load_trt_plugins() first")
+                           "trtllm_twotower.plugins.plugin_library.load_trt_plugins() first")
     collection = trt.PluginFieldCollection([trt.PluginField(k, np.array([v], np.int32), trt.PluginFieldType.INT32)
                                             for k, v in fields.items()])
     plugin = creator.create_plugin(layer_name, collection, trt.TensorRTPhase.BUILD)

@@ -43,9 +43,9 @@ class TrtExecutor:
         manifest = check_manifest(Path(engine_dir), cfg)
         from tensorrt_llm.runtime.session import Session
 
-        from ..plugins import kernels
+        from ..plugins import plugin_library
 
-        kernels.load_trt_plugins()  # before deserialising: the engines contain our plugins
+        plugin_library.load_trt_plugins()  # before deserialising: the engines contain our plugins
         sessions = {}
         for tower, device in ((CONTEXT, context_device), (DENOISER, denoiser_device)):
             with torch.cuda.device(device):
