@@ -228,13 +228,17 @@ def state_at(cfg, batch: int, context: int, capacity: int, dtype) -> towers.Towe
 
 
 class Runner:
-    """The steps of one config, each counted by ``DryRun``."""
+    """The steps of one config, each counted by ``DryRun``. ``executor``: by default the real
+    executor over fake weights (inside a ``FakeTensorMode``); a GPU test passes one with real ones."""
 
-    def __init__(self, cfg, dtype=torch.bfloat16):
+    def __init__(self, cfg, dtype=torch.bfloat16, executor: TorchExecutor | None = None):
         self.cfg, self.dtype = cfg, dtype
-        ctx, den = fake_weights(cfg, "context", dtype), fake_weights(cfg, "denoiser", dtype)
-        self.weight_bytes = {"context": tensor_bytes(ctx), "denoiser": tensor_bytes(den)}
-        self.executor = TorchExecutor(cfg, ctx, den, dtype, DEVICE, DEVICE, graphs="off")
+        if executor is None:
+            executor = TorchExecutor(cfg, fake_weights(cfg, "context", dtype), fake_weights(cfg, "denoiser", dtype),
+                                     dtype, DEVICE, DEVICE, graphs="off")
+        self.executor = executor
+        self.weight_bytes = {"context": tensor_bytes(executor.ctx_weights),
+                             "denoiser": tensor_bytes(executor.den_weights)}
 
     def steps(self, batch: int, context: int, block: int = 16) -> dict:
         """kind -> (setup, step, new tokens per row): ``setup()`` makes the step's inputs (a state of

@@ -125,3 +125,41 @@ def test_cuda_graph_steps_match_eager(all_kinds_dir, monkeypatch, kernels):
     lane.advance()  # a new batch: eager
     lane.advance()  # its second sight: captured
     assert _count_syncs(lane.advance) == 1  # a replay
+
+
+@pytest.mark.parametrize("kind", ["ar_step", "denoiser_step"])
+def test_profiled_launches_match_the_dry_run(kind):
+    """The dry run's launch count (fake CUDA tensors) against the kernels the profiler sees on the
+    GPU for the same step of the same config (the demo model's shape, random weights)."""
+    import sys
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench import dry_run
+    from bench.bench_towers import random_weights
+    from trtllm_twotower.config import load_config
+    from trtllm_twotower.demo import TRAINED_DEMO_DIR
+
+    cfg = load_config(TRAINED_DEMO_DIR / "config.json")
+    expected = next(s["launches"] for s in dry_run.dry_run(cfg, batches=(1,), contexts=(64,), prefills=(),
+                                                           log=lambda _: None)["steps"] if s["kind"] == kind)
+    from trtllm_twotower.runtime.executor import TorchExecutor
+
+    device = torch.device("cuda:0")
+    executor = TorchExecutor(cfg, random_weights(cfg, "context", torch.bfloat16, device, 0),
+                             random_weights(cfg, "denoiser", torch.bfloat16, device, 1), torch.bfloat16, device, device,
+                             graphs="off")
+    runner = dry_run.Runner(cfg, torch.bfloat16, executor)  # the dry run's steps, on real CUDA tensors
+    setup, step, _ = runner.steps(1, 64)[kind]
+    step(setup())  # compile the kernels first
+    torch.cuda.synchronize()
+    inputs = setup()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(inputs)
+        torch.cuda.synchronize()
+    launched = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"{kind}: dry run {expected} launches, profiler {launched} device events")
+    assert abs(launched - expected) <= 0.15 * expected, (launched, expected)
