@@ -46,15 +46,17 @@ class TorchOps:
     ``TWOTOWER_KERNELS=off`` forces the torch forms. Everywhere else (the CPU path, training)
     the ops are the torch references beside the kernels, exact to the spec's rounding.
     ``trace``: a set that receives the name of every op executed (used by the op-table test).
+    ``kernels``: force the Triton kernels on or off (default: ``use_kernels``).
     """
 
-    def __init__(self, dtype: torch.dtype, device: torch.device | str = "cpu", trace: set | None = None):
+    def __init__(self, dtype: torch.dtype, device: torch.device | str = "cpu", trace: set | None = None,
+                 kernels: bool | None = None):
         self.dtype = dtype
         self.device = torch.device(device)
         self.trace = trace
         # grouped GEMMs: CPU in any dtype; CUDA kernels take bf16 only
         self.grouped_experts = hasattr(torch, "_grouped_mm") and (self.device.type == "cpu" or dtype == torch.bfloat16)
-        self.kernels = use_kernels(self.device)
+        self.kernels = use_kernels(self.device) if kernels is None else kernels
         if self.kernels:
             from ..plugins import custom_ops  # noqa: F401  (registers torch.ops.twotower)
         self._lengths = (None, None)  # (host lengths, their device copy): one upload per step, not per layer

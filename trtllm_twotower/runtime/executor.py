@@ -92,9 +92,9 @@ class TorchExecutor:
     def _graph_cache(self, ops: TorchOps) -> GraphCache | None:
         if self.graphs == "emulate":
             return GraphCache(ops.device, capture=False)
-        # capture needs the grouped-GEMM experts (bf16 on CUDA): the spec's expert loop reads the
-        # routed ids back to the host
-        if self.graphs == "on" and ops.device.type == "cuda" and ops.grouped_experts:
+        # capture needs experts that read nothing back: the Triton kernels, or the grouped GEMMs (bf16
+        # on CUDA); the spec's expert loop reads the routed ids back to the host
+        if self.graphs == "on" and ops.device.type == "cuda" and (ops.kernels or ops.grouped_experts):
             return GraphCache(ops.device, capture=True)
         return None
 

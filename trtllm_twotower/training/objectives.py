@@ -31,10 +31,11 @@ class TrainingOps(TorchOps):
     """TorchOps for training: the scan always in the chunked SSD form (a few einsums per block
     instead of one autograd node per token; the same function, ``tests/test_scan_forms.py``), and a
     count, per MoE call, of the tokens each expert received (for the correction-bias update):
-    ``loads`` holds one [E] count per MoE layer call, in call order."""
+    ``loads`` holds one [E] count per MoE layer call, in call order. The torch forms on every device:
+    the Triton kernels' custom ops have no backward."""
 
     def __init__(self, dtype: torch.dtype, device):
-        super().__init__(dtype, device)
+        super().__init__(dtype, device, kernels=False)
         self.loads: list[torch.Tensor] = []
 
     def mamba_scan(self, xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state, n_groups, head_dim,
