@@ -13,6 +13,7 @@ counts launches with it).
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -33,47 +34,16 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, table: Optional[Tensor], m: 
     return reference.modulated_rms_norm_ref(x, weight, eps, table, m, modulate_first)
 
 
-@rms_norm.register_kernel("cuda")
-def _(x, weight, eps, table, m, modulate_first):
-    from . import norms
-
-    return norms.rms_norm(x, weight, eps, table, m, modulate_first)
-
-
-@rms_norm.register_fake
-def _(x, weight, eps, table, m, modulate_first):
-    return torch.empty_like(x)
-
-
 @custom_op("twotower::gated_residual", mutates_args=())
 def gated_residual(x: Tensor, h: Tensor, table: Tensor, m: Tensor) -> Tensor:
     """x + gate * h, the gate row of bf16(table + m) (``reference.gated_residual_ref``)."""
     return reference.gated_residual_ref(x, h, table, m)
 
 
-@gated_residual.register_kernel("cuda")
-def _(x, h, table, m):
-    from . import norms
-
-    return norms.gated_residual(x, h, table, m)
-
-
-@gated_residual.register_fake
-def _(x, h, table, m):
-    return torch.empty_like(x)
-
-
 @custom_op("twotower::gated_rms_norm", mutates_args=())
 def gated_rms_norm(y: Tensor, z: Tensor, weight: Tensor, n_groups: int, eps: float) -> Tensor:
     """y * silu(z), RMS-normalised per group of channels (``reference.gated_rms_norm_ref``)."""
     return reference.gated_rms_norm_ref(y, z, weight, n_groups, eps)
-
-
-@gated_rms_norm.register_kernel("cuda")
-def _(y, z, weight, n_groups, eps):
-    from . import norms
-
-    return norms.gated_rms_norm(y, z, weight, n_groups, eps)
 
 
 @gated_rms_norm.register_fake
@@ -87,31 +57,12 @@ def relu2(x: Tensor) -> Tensor:
     return reference.relu2_ref(x)
 
 
-@relu2.register_kernel("cuda")
-def _(x):
-    from . import moe
-
-    return moe.relu2(x)
-
-
-@relu2.register_fake
-def _(x):
-    return torch.empty_like(x)
-
-
 # ---- MoE -----------------------------------------------------------------------------------------
 @custom_op("twotower::moe_route", mutates_args=())
 def moe_route(x: Tensor, router: Tensor, correction_bias: Tensor, top_k: int, normalize: bool,
               scale: float) -> tuple[Tensor, Tensor]:
     """fp64 sigmoid router -> expert ids [n, k] int64, weights [n, k] fp32 (``reference.moe_route_ref``)."""
     return reference.moe_route_ref(x, router, correction_bias, top_k, normalize, scale)
-
-
-@moe_route.register_kernel("cuda")
-def _(x, router, correction_bias, top_k, normalize, scale):
-    from . import moe
-
-    return moe.moe_route(x, router, correction_bias, top_k, normalize, scale)
 
 
 @moe_route.register_fake
@@ -127,18 +78,6 @@ def moe_experts(x: Tensor, ids: Tensor, weights: Tensor, up: Tensor, down: Tenso
     return routed if shared is None else routed + shared
 
 
-@moe_experts.register_kernel("cuda")
-def _(x, ids, weights, up, down, shared):
-    from . import moe
-
-    return moe.moe_experts(x, ids, weights, up, down, shared)
-
-
-@moe_experts.register_fake
-def _(x, ids, weights, up, down, shared):
-    return torch.empty_like(x)
-
-
 # ---- attention, Mamba ----------------------------------------------------------------------------
 @custom_op("twotower::block_attention", mutates_args=("k_cache", "v_cache"))
 def block_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, cache_lens: Tensor,
@@ -147,13 +86,6 @@ def block_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: T
     ``max_len`` ≥ every length, known on the host."""
     out = reference.block_attention_ref(q, k, v, k_cache, v_cache, cache_lens, causal, write_cache)
     return out.contiguous()  # the layout the kernel (and the fake) produce
-
-
-@block_attention.register_kernel("cuda")
-def _(q, k, v, k_cache, v_cache, cache_lens, max_len, causal, write_cache):
-    from . import attention
-
-    return attention.block_attention(q, k, v, k_cache, v_cache, cache_lens, max_len, causal, write_cache)
 
 
 @block_attention.register_fake
@@ -178,14 +110,6 @@ def seeded_mamba_scan(xbc: Tensor, dt: Tensor, conv_weight: Tensor, conv_bias: T
     return tuple(t.contiguous() for t in out)  # the layout the kernel (and the fake) produce
 
 
-@seeded_mamba_scan.register_kernel("cuda")
-def _(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state, n_groups, head_dim, return_steps):
-    from . import mamba
-
-    return mamba.seeded_mamba_scan(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
-                                   n_groups, head_dim, return_steps=return_steps)
-
-
 @seeded_mamba_scan.register_fake
 def _(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state, n_groups, head_dim, return_steps):
     B, L, _ = xbc.shape
@@ -194,6 +118,30 @@ def _(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
     ssm_steps = ssm_state.new_empty((B, L + 1, *ssm_state.shape[1:]) if return_steps else 0)
     return (xbc.new_empty((B, L, H * head_dim)), torch.empty_like(conv_state), torch.empty_like(ssm_state),
             conv_steps, ssm_steps)
+
+
+# ---- the CUDA kernels, and the fakes shaped like their first argument --------------------------------
+def _triton(module: str, function: str):
+    """``plugins.<module>.<function>`` (importing triton on the first CUDA call only)."""
+    def run(*args, **kwargs):
+        return getattr(importlib.import_module(f"{__package__}.{module}"), function)(*args, **kwargs)
+    return run
+
+
+def _like_first(x, *_):
+    return torch.empty_like(x)
+
+
+def _register() -> None:
+    for op, module in ((rms_norm, "norms"), (gated_residual, "norms"), (gated_rms_norm, "norms"), (relu2, "moe"),
+                       (moe_route, "moe"), (moe_experts, "moe"), (block_attention, "attention"),
+                       (seeded_mamba_scan, "mamba")):
+        op.register_kernel("cuda")(_triton(module, op._name))  # each launcher is named as its op
+    for op in (rms_norm, gated_residual, relu2, moe_experts):
+        op.register_fake(_like_first)
+
+
+_register()
 
 
 # ---- launch counts -------------------------------------------------------------------------------

@@ -170,6 +170,21 @@ def _align_torch(flat_ids: torch.Tensor, E: int, NB: int, block_m: int):
 
 
 @triton.jit
+def _expert_gemm(a_ptr, a_rows, a_ok, w_ptr, expert, n, K, N,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] = a[a_rows, :K] @ w[expert, n, :K]^T (a [rows, K]; w [E, N, K])."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(0, K, BLOCK_K):
+        k = start + tl.arange(0, BLOCK_K)
+        a = tl.load(a_ptr + a_rows[:, None] * K + k[None, :], mask=a_ok[:, None] & (k < K)[None, :],
+                    other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + expert.to(tl.int64) * N * K + n[None, :] * K + k[:, None],
+                    mask=(n < N)[None, :] & (k < K)[:, None], other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_N]
+        acc += tl.dot(a, w, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _up_kernel(x_ptr, up_ptr, sorted_ptr, block_expert_ptr, act_ptr, D, I, TOP_K,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     block = tl.program_id(0)
@@ -180,14 +195,7 @@ def _up_kernel(x_ptr, up_ptr, sorted_ptr, block_expert_ptr, act_ptr, D, I, TOP_K
         pair = tl.load(sorted_ptr + rows)
         token = tl.where(pair >= 0, pair // TOP_K, 0).to(tl.int64)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for start in range(0, D, BLOCK_K):
-            k = start + tl.arange(0, BLOCK_K)
-            a = tl.load(x_ptr + token[:, None] * D + k[None, :], mask=(pair >= 0)[:, None] & (k < D)[None, :],
-                        other=0.0).to(tl.float32)
-            b = tl.load(up_ptr + expert.to(tl.int64) * I * D + n[None, :] * D + k[:, None],
-                        mask=(n < I)[None, :] & (k < D)[:, None], other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_N]
-            acc += tl.dot(a, b, input_precision=PRECISION)
+        acc = _expert_gemm(x_ptr, token, pair >= 0, up_ptr, expert, n, D, I, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION)
         h = tl.maximum(round_to(acc, dtype), 0.0)
         tl.store(act_ptr + rows[:, None].to(tl.int64) * I + n[None, :], to_storage(h * h, dtype), mask=(n < I)[None, :])
 
@@ -202,14 +210,8 @@ def _down_kernel(act_ptr, down_ptr, sorted_ptr, block_expert_ptr, weights_ptr, c
         rows = block * BLOCK_M + tl.arange(0, BLOCK_M)
         pair = tl.load(sorted_ptr + rows)
         n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for start in range(0, I, BLOCK_K):
-            k = start + tl.arange(0, BLOCK_K)
-            a = tl.load(act_ptr + rows[:, None].to(tl.int64) * I + k[None, :], mask=(k < I)[None, :],
-                        other=0.0).to(tl.float32)
-            b = tl.load(down_ptr + expert.to(tl.int64) * D * I + n[None, :] * I + k[:, None],
-                        mask=(n < D)[None, :] & (k < I)[:, None], other=0.0).to(tl.float32)
-            acc += tl.dot(a, b, input_precision=PRECISION)
+        acc = _expert_gemm(act_ptr, rows.to(tl.int64), rows >= 0, down_ptr, expert, n, I, D, BLOCK_M, BLOCK_N, BLOCK_K,
+                           PRECISION)
         w = tl.load(weights_ptr + tl.where(pair >= 0, pair, 0), mask=pair >= 0, other=0.0)
         out = round_to(acc, dtype) * w[:, None]
         tl.store(contrib_ptr + tl.where(pair >= 0, pair, 0).to(tl.int64)[:, None] * D + n[None, :], out,
