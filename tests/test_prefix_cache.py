@@ -28,7 +28,7 @@ from conftest import load_towers
 
 ROOT = Path(__file__).resolve().parents[1]
 P = PAGE_TOKENS
-KW = dict(max_new_tokens=20, block_size=8, steps_per_block=4, confidence_threshold=0.05, eos_token_id=None)
+KW = dict(max_new_tokens=12, block_size=8, steps_per_block=2, confidence_threshold=0.05, eos_token_id=None)
 
 
 def random_ids(gen: torch.Generator, n: int) -> list[int]:
@@ -131,8 +131,9 @@ def test_trained_model_bfloat16_equals_the_cold_run():
     text = (ROOT / "README.md").read_bytes()[:2 * P + 40].decode("utf-8", "ignore")
     prompts = [text + " Return the list", text + " The server"]
     for mode in ("diffusion", "speculative"):
-        hits = [on.generate(p, mode=mode, max_new_tokens=32, seed=3) for p in prompts]
-        colds = [off.generate(p, mode=mode, max_new_tokens=32, seed=3) for p in prompts]
+        kw = dict(mode=mode, max_new_tokens=16, steps_per_block=8, seed=3)
+        hits = [on.generate(p, **kw) for p in prompts]
+        colds = [off.generate(p, **kw) for p in prompts]
         assert [h.output_ids for h in hits] == [c.output_ids for c in colds]
         assert hits[1].stats["cached_tokens"] == 2 * P
 
