@@ -7,9 +7,9 @@ starts from an empty cache, and runs with the cache off and on side by side in o
 the same towers (one after another, alternating per request in the sequential phase, so that the
 machine's load falls on both alike). Recorded: prompt tokens the context tower actually ran
 (counted at the executor's prefill forwards), time to first block (submission to the first
-committed tokens), and whether every output equals the cache-off run's; per ``--modes`` (default:
-diffusion with its default 16 steps per block, where the first block is 16 denoiser forwards over
-the whole context, and AR, where it is one token).
+committed tokens), and whether every output equals the cache-off run's; per mode (``MODES``): the
+first block costs diffusion 16 denoiser forwards over the whole context (its default), speculative
+one (its recommended setting) and the verifying extend, AR one token.
 
     python bench/prefix_cache.py --out bench/results/prefix_cache_cpu.json
 """
@@ -35,6 +35,8 @@ from trtllm_twotower.demo import default_checkpoint  # noqa: E402
 from trtllm_twotower.runtime import TwoTowerRuntime  # noqa: E402
 from trtllm_twotower.runtime.scheduler import Scheduler  # noqa: E402
 from trtllm_twotower.training.corpus import is_held_out, read_corpus  # noqa: E402
+
+MODES = {"diffusion": {}, "speculative": {"steps_per_block": 1}, "ar": {}}  # settings besides the defaults
 
 
 def prompts_from_corpus(tokenizer, prefix_tokens: int, suffix_tokens: int, count: int) -> list[list[int]]:
@@ -66,7 +68,8 @@ class PrefillCounter:
 
 
 def submit(rt, scheduler: Scheduler, prompt: list[int], mode: str, args):
-    settings = rt.prepare([prompt], mode=mode, max_new_tokens=args.new_tokens, eos_token_id=None).settings
+    settings = rt.prepare([prompt], mode=mode, max_new_tokens=args.new_tokens, eos_token_id=None,
+                          **MODES[mode]).settings
     return scheduler.submit(mode, [prompt], settings, [0])
 
 
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
     p.add_argument("--suffix", type=int, default=64, help="tokens of each request's own suffix")
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=16, help="one block of the default size")
-    p.add_argument("--modes", default="diffusion,ar", help="comma-separated")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--prefix-cache-bytes", type=int, default=None, help="the cache-on runs' size (default: the budget)")
     p.add_argument("--threads", type=int, default=1)
@@ -137,7 +140,7 @@ def main(argv=None) -> int:
             print(mode, name, json.dumps({k: v for k, v in phase.items() if k != "cache"}), flush=True)
     result = {"device": f"CPU ({platform.machine()}, {platform.node()}), {args.threads} thread(s)",
               "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-              "commit": git_commit(), "checkpoint": "demo_model", "dtype": args.dtype,
+              "commit": git_commit(), "checkpoint": "demo_model", "dtype": args.dtype, "mode_settings": MODES,
               "prefix_tokens": args.prefix, "suffix_tokens": args.suffix, "requests": args.requests,
               "new_tokens": args.new_tokens, "page_tokens": rt.executor.page_tokens, "phases": phases}
     out = Path(args.out)
