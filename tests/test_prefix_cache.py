@@ -2,7 +2,9 @@
 
 Cold references come from a runtime with the cache off (``prefix_cache_bytes=0``); its prefill runs
 in the same page pieces, so "identical" means bit for bit: token lists compared exactly, states
-with ``torch.equal``. Prompts are fresh random bytes around a shared prefix, a few pages long.
+with ``torch.equal``. Prompts are fresh random bytes around a shared prefix, a few pages long: pages
+of 64 tokens in the scheduler tests (short contexts, quick steps), the default ``PAGE_TOKENS`` in
+the end-to-end ones (trained model, ``run_runtime.py``, the server).
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from trtllm_twotower.runtime.executor import TorchExecutor
 from trtllm_twotower.runtime.prefix_cache import PAGE_TOKENS, PrefixCache
 from trtllm_twotower.runtime.scheduler import Scheduler
 from trtllm_twotower.serve import free_port
+from trtllm_twotower.training.corpus import read_corpus
 from conftest import load_towers
 
 ROOT = Path(__file__).resolve().parents[1]
-P = PAGE_TOKENS
+P = 64  # the page of the ``runtimes`` fixture
 KW = dict(max_new_tokens=12, block_size=8, steps_per_block=2, confidence_threshold=0.05, eos_token_id=None)
 
 
@@ -37,9 +40,13 @@ def random_ids(gen: torch.Generator, n: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def runtimes(demo_dir):
-    """(cache off, cache on) over the same tiny random checkpoint, float32."""
-    return (TwoTowerRuntime.from_checkpoint(demo_dir, dtype="float32", prefix_cache_bytes=0),
-            TwoTowerRuntime.from_checkpoint(demo_dir, dtype="float32"))
+    """(cache off, cache on) over the same tiny random checkpoint, float32, pages of ``P`` tokens."""
+    base = TwoTowerRuntime.from_checkpoint(demo_dir, dtype="float32", prefix_cache_bytes=0)
+    ex = base.executor
+    executor = TorchExecutor(base.cfg, ex.ctx_weights, ex.den_weights, ex.dtype, ex.context_device,
+                             ex.denoiser_device, page_tokens=P)
+    return tuple(TwoTowerRuntime(base.cfg, executor, None, demo_dir, has_denoiser=True, prefix_cache_bytes=size)
+                 for size in (0, None))
 
 
 class FakeRow:
@@ -125,17 +132,15 @@ def test_every_mode_equals_the_cold_run(runtimes, mode, seed):
 
 
 def test_trained_model_bfloat16_equals_the_cold_run():
-    """The shipped demo model at its own dtype, with realistic thresholds."""
+    """The shipped demo model at its own dtype, diffusion with its default knobs."""
     off = TwoTowerRuntime.from_checkpoint(default_checkpoint(), prefix_cache_bytes=0)
     on = TwoTowerRuntime.from_checkpoint(default_checkpoint())
-    text = (ROOT / "README.md").read_bytes()[:2 * P + 40].decode("utf-8", "ignore")
+    text = "\n\n".join(read_corpus(default_checkpoint() / "corpus.txt.xz")[:40])[:2 * PAGE_TOKENS + 40]
     prompts = [text + " Return the list", text + " The server"]
-    for mode in ("diffusion", "speculative"):
-        kw = dict(mode=mode, max_new_tokens=16, steps_per_block=8, seed=3)
-        hits = [on.generate(p, **kw) for p in prompts]
-        colds = [off.generate(p, **kw) for p in prompts]
-        assert [h.output_ids for h in hits] == [c.output_ids for c in colds]
-        assert hits[1].stats["cached_tokens"] == 2 * P
+    hits = [on.generate(p, max_new_tokens=16, seed=3) for p in prompts]
+    colds = [off.generate(p, max_new_tokens=16, seed=3) for p in prompts]
+    assert [h.output_ids for h in hits] == [c.output_ids for c in colds]
+    assert hits[1].stats["cached_tokens"] == 2 * PAGE_TOKENS
 
 
 def test_two_concurrent_requests_share_a_prefix(runtimes):
@@ -241,13 +246,13 @@ def test_prefix_cache_bytes_is_validated_and_zero_turns_it_off(demo_dir):
 
 
 def test_run_runtime_reports_cached_tokens_and_refuses_a_bad_size(demo_dir):
-    ids = ",".join(map(str, random_ids(torch.Generator().manual_seed(61), P + 20)))
+    ids = ",".join(map(str, random_ids(torch.Generator().manual_seed(61), PAGE_TOKENS + 20)))
     args = [sys.executable, "run_runtime.py", "--checkpoint", str(demo_dir), "--mode", "ar", "--max-new-tokens", "4",
             "--prompt-ids", ids, "--prompt-ids", ids, "--json"]
     out = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     # the second row looks up after the first row's prefill cached the page
-    assert json.loads(out.stdout.splitlines()[-1])["stats"]["cached_tokens"] == P
+    assert json.loads(out.stdout.splitlines()[-1])["stats"]["cached_tokens"] == PAGE_TOKENS
     bad = subprocess.run(args[:2] + ["--prefix-cache-bytes", "-5"], cwd=ROOT, capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
@@ -273,7 +278,7 @@ def test_openai_server_reports_cached_tokens_and_cache_state(demo_dir, tmp_path)
                 except OSError:
                     assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
                     time.sleep(0.3)
-            prompt = random_ids(torch.Generator().manual_seed(71), P + 30)
+            prompt = random_ids(torch.Generator().manual_seed(71), PAGE_TOKENS + 30)
 
             def complete():
                 body = json.dumps({"prompt": prompt, "max_tokens": 8, "temperature": 0, "mode": "ar"}).encode()
@@ -283,12 +288,12 @@ def test_openai_server_reports_cached_tokens_and_cache_state(demo_dir, tmp_path)
 
             first, second = complete(), complete()
             assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
-            assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": P}
+            assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": PAGE_TOKENS}
             assert second["choices"][0]["token_ids"] == first["choices"][0]["token_ids"]
             with urllib.request.urlopen(url + "/health", timeout=10) as r:
                 state = json.loads(r.read())["prefix_cache"]
-            assert state["pages"] == 1 and state["capacity_bytes"] == 1 << 26 and state["hit_tokens"] == P
-            assert state["hit_rate"] == pytest.approx(P / (2 * len(prompt)))
+            assert state["pages"] == 1 and state["capacity_bytes"] == 1 << 26 and state["hit_tokens"] == PAGE_TOKENS
+            assert state["hit_rate"] == pytest.approx(PAGE_TOKENS / (2 * len(prompt)))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
