@@ -35,6 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     p.add_argument("--context-device", default=None, help="default: cuda:0, or cpu without a GPU")
     p.add_argument("--denoiser-device", default=None, help="default: cuda:1 with two GPUs, else the context device")
+    p.add_argument("--prefix-cache-bytes", type=int, default=None,
+                   help="bytes of prompt-prefix context states kept for reuse (default: what the running rows leave "
+                   "of the memory budget; 0: off)")
     p.add_argument("--stream", action="store_true", help="print each committed block as it arrives (default when "
                    "neither --json nor --no-stream is given)")
     p.add_argument("--no-stream", action="store_true", help="print only the final text")
@@ -58,7 +61,8 @@ def main(argv=None) -> int:
     try:
         runtime = TwoTowerRuntime.from_checkpoint(
             args.checkpoint, backend="trt" if args.engine_dir else "torch", dtype=args.dtype,
-            context_device=args.context_device, denoiser_device=args.denoiser_device, engine_dir=args.engine_dir)
+            context_device=args.context_device, denoiser_device=args.denoiser_device, engine_dir=args.engine_dir,
+            prefix_cache_bytes=args.prefix_cache_bytes)
 
         echo = [len(prompts) == 1 and isinstance(prompts[0], str)]  # one text prompt: print it, then its continuation
 

@@ -89,3 +89,17 @@ def test_gpu_summary_judges_each_goal_by_its_measured_ratio(tmp_path, capsys):
     else:
         assert plotted == 0 and (tmp_path / "p.png").stat().st_size > 10_000
     assert gpu_summary.main([str(tmp_path / "missing")]) == 2
+
+
+def test_prefix_cache_bench_smoke(tmp_path):
+    """A short run of bench/prefix_cache.py: its counts follow from the prompts, its outputs match."""
+    out = tmp_path / "prefix.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "prefix_cache.py"), "--prefix", "300", "--suffix", "8",
+                    "--requests", "3", "--new-tokens", "2", "--modes", "ar", "--out", str(out)],
+                   check=True, capture_output=True, text=True, cwd=ROOT)
+    result = json.loads(out.read_text())
+    assert {"device", "date", "commit", "phases"} <= set(result)
+    for phase in result["phases"].values():
+        assert phase["outputs_identical"]
+        assert phase["cache_off"]["prefill_tokens"] == 3 * 308
+        assert phase["cache_on"]["prefill_tokens"] == 308 + 2 * (308 - 256)  # one 256-token page hit twice

@@ -112,7 +112,7 @@ class ToyExecutor:
         gen = torch.Generator().manual_seed(seed)
         self.ar = 1.5 * torch.randn(V, V, generator=gen)  # logits of the next token given the last one
 
-    def prefill(self, prompts, capacity):
+    def prefill(self, prompts, capacity, pages=None):  # its scheduler runs without a prefix cache
         return ToyState(tuple(tuple(p) for p in prompts)), self.ar[[p[-1] for p in prompts]]
 
     def extend(self, state, tokens, logits, trace=False, in_place=False):
@@ -148,7 +148,7 @@ class ToyExecutor:
 
 def _first_tokens(executor, n: int, settings) -> torch.Tensor:
     cfg = config_from_dict({**DEMO_CONFIG, "vocab_size": V})
-    scheduler = Scheduler(executor, cfg, max_batch=n, memory_budget=1 << 40)
+    scheduler = Scheduler(executor, cfg, max_batch=n, memory_budget=1 << 40, prefix_cache_bytes=0)
     ticket = scheduler.submit("speculative", [[5]] * n, settings, list(range(n)))
     scheduler.run_until(ticket)
     return torch.tensor([r.out.tokens for r in ticket.rows])

@@ -73,6 +73,17 @@ def test_unary_generate_equals_runtime(server, runtime):
     assert reply["nfe"] == ref.nfe and reply["tokens_per_step"] == pytest.approx(ref.tokens_per_step, rel=1e-6)
 
 
+def test_a_repeated_prefix_comes_from_the_prefix_cache(server):
+    ids = np.random.default_rng(8).integers(4, 256, 300).tolist()  # one 256-token page, then the rest
+    replies = []
+    for _ in range(2):
+        status, text = post(server, "generate", {"input_ids": ids, "max_tokens": 8})
+        assert status == 200, text
+        replies.append(json.loads(text))
+    assert [r["cached_tokens"] for r in replies] == [0, 256]
+    assert replies[1]["output_ids"] == replies[0]["output_ids"]
+
+
 def test_http_stream_concatenates_to_unary(server):
     body = {"text_input": "stream", "max_tokens": 24, "random_seed": 3, "temperature": 0.5}
     _, unary = post(server, "generate", body)

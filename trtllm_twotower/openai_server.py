@@ -55,8 +55,10 @@ def create_app(runtime, model_name: str, defaults: dict | None = None, max_block
 
     @app.get("/health")
     async def health():
-        alive = runtime.scheduler.alive
-        return JSONResponse({"status": "ok" if alive else "scheduler stopped"}, status_code=200 if alive else 503)
+        alive, cache = runtime.scheduler.alive, runtime.scheduler.prefix_cache
+        return JSONResponse({"status": "ok" if alive else "scheduler stopped",
+                             "prefix_cache": None if cache is None else cache.stats()},
+                            status_code=200 if alive else 503)
 
     @app.get("/v1/models")
     async def models():
@@ -115,7 +117,8 @@ def create_app(runtime, model_name: str, defaults: dict | None = None, max_block
     def usage(prepared, result) -> dict:
         prompt = sum(map(len, prepared.prompt_ids))
         completion = sum(map(len, result.output_ids))
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": result.stats["cached_tokens"]}}
 
     async def respond(body: dict, prepared, kind: str):
         stream = bool(body.get("stream", False))
@@ -236,6 +239,8 @@ def parse_args(argv=None):
     p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the directory name)")
     p.add_argument("--max-batch", type=int, default=None, help="rows running at once (default 256, within memory)")
     p.add_argument("--memory-budget", type=int, default=None, help="bytes of context state for running rows")
+    p.add_argument("--prefix-cache-bytes", type=int, default=None,
+                   help="bytes of cached prompt-prefix states (default: what running rows leave of the budget; 0: off)")
     p.add_argument("--max-block-size", type=int, default=64)
     p.add_argument("--default-temperature", type=float, default=1.0, help="when a request sends none (OpenAI's 1.0)")
     p.add_argument("--default-mode", default="diffusion")
@@ -252,7 +257,7 @@ def main(argv=None) -> int:
         runtime = TwoTowerRuntime.from_checkpoint(
             args.checkpoint, backend="trt" if args.engine_dir else "torch", dtype=args.dtype,
             context_device=args.context_device, denoiser_device=args.denoiser_device, engine_dir=args.engine_dir,
-            max_batch=args.max_batch, memory_budget=args.memory_budget)
+            max_batch=args.max_batch, memory_budget=args.memory_budget, prefix_cache_bytes=args.prefix_cache_bytes)
         runtime.prepare([[5]], mode=args.default_mode, temperature=args.default_temperature)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

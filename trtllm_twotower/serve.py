@@ -283,6 +283,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint-dir", default=None, help="sets the twotower model's checkpoint_dir parameter")
     p.add_argument("--engine-dir", default=None, help="sets engine_dir and backend=trt")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
+    p.add_argument("--prefix-cache-bytes", type=int, default=None, help="sets prefix_cache_bytes (0: off)")
     p.add_argument("--log-verbose", type=int, default=0)
     args = p.parse_args(argv)
     overrides = {"project_root": str(REPO_ROOT)}
@@ -292,6 +293,8 @@ def main(argv=None) -> int:
         overrides.update(engine_dir=str(Path(args.engine_dir).resolve()), backend="trt")
     if args.dtype:
         overrides["dtype"] = args.dtype
+    if args.prefix_cache_bytes is not None:
+        overrides["prefix_cache_bytes"] = str(args.prefix_cache_bytes)
     with tempfile.TemporaryDirectory(prefix="twotower_repo_") as tmp:
         try:
             repo = copy_model_repository(Path(args.model_repository), Path(tmp) / "repo", overrides)

@@ -126,23 +126,27 @@ class TwoTowerRuntime:
     API drives it in the caller's thread; a server starts it in the background (``serve``)."""
 
     def __init__(self, cfg, executor, tokenizer, checkpoint_dir: Path, has_denoiser: bool,
-                 max_batch: int | None = None, memory_budget: int | None = None):
+                 max_batch: int | None = None, memory_budget: int | None = None,
+                 prefix_cache_bytes: int | None = None):
         self.cfg = cfg
         self.executor = executor
         self.tokenizer = tokenizer
         self.checkpoint_dir = checkpoint_dir
         self.has_denoiser = has_denoiser
-        self.scheduler = Scheduler(executor, cfg, max_batch=max_batch, memory_budget=memory_budget)
+        self.scheduler = Scheduler(executor, cfg, max_batch=max_batch, memory_budget=memory_budget,
+                                   prefix_cache_bytes=prefix_cache_bytes)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, backend: str = "torch", dtype: str = "bfloat16",
                         context_device: str | None = None, denoiser_device: str | None = None,
                         engine_dir: str | Path | None = None, max_batch: int | None = None,
-                        memory_budget: int | None = None) -> "TwoTowerRuntime":
+                        memory_budget: int | None = None,
+                        prefix_cache_bytes: int | None = None) -> "TwoTowerRuntime":
         """Load an official checkpoint (TwoTower, or a Nano base for AR only). ``path=None`` uses the
         built-in demo checkpoint. backend 'torch' runs the eager towers; 'trt' runs built engines
         from ``engine_dir`` (needs TensorRT-LLM 1.2 and a GPU). ``max_batch`` / ``memory_budget``
-        (bytes of context state) bound the scheduler's running batch."""
+        (bytes of context state) bound the scheduler's running batch; ``prefix_cache_bytes`` bounds the
+        prefix cache inside that budget (default: all of it, yielding to running rows; 0: off)."""
         if backend not in ("torch", "trt"):
             raise ValueError(f"backend: expected 'torch' or 'trt', got {backend!r}")
         if dtype not in DTYPES:
@@ -150,6 +154,9 @@ class TwoTowerRuntime:
         for name, value in (("max_batch", max_batch), ("memory_budget", memory_budget)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if prefix_cache_bytes is not None and (isinstance(prefix_cache_bytes, bool)
+                                               or not isinstance(prefix_cache_bytes, int) or prefix_cache_bytes < 0):
+            raise ValueError(f"prefix_cache_bytes: expected an integer >= 0 (0 = off), got {prefix_cache_bytes!r}")
         default_ctx, default_den = default_devices()
         ctx_dev = parse_device(context_device or default_ctx, "context_device")
         # the denoiser follows an explicit context device unless given its own
@@ -169,7 +176,7 @@ class TwoTowerRuntime:
                                                                  layout, on_disk)
             executor = TorchExecutor(cfg, ctx, den, torch_dtype, ctx_dev, den_dev)
         return cls(cfg, executor, load_tokenizer(directory), directory, has_denoiser=layout != NANO,
-                   max_batch=max_batch, memory_budget=memory_budget)
+                   max_batch=max_batch, memory_budget=memory_budget, prefix_cache_bytes=prefix_cache_bytes)
 
     # ---- generation -------------------------------------------------------------------------
     def _prompt_ids(self, prompts) -> list[list[int]]:
@@ -236,7 +243,8 @@ class TwoTowerRuntime:
         generated = sum(map(len, tokens))
         den, ctx = sum(o.denoiser_forwards for o in outs), sum(o.context_forwards for o in outs)
         stats = {"denoiser_forwards": den, "context_forwards": ctx,
-                 "forwards_per_token": (den + ctx) / max(1, generated)}
+                 "forwards_per_token": (den + ctx) / max(1, generated),
+                 "cached_tokens": sum(o.cached_tokens for o in outs)}
         blocks = [a for o in outs for a in o.accepted]
         if blocks:
             tries = [sum(col) for col in zip(*(o.attempts_by_position for o in outs if o.attempts_by_position))]

@@ -9,6 +9,7 @@ what changed since the last block: the new K/V positions and the Mamba states.
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import torch
 
@@ -16,6 +17,7 @@ from ..devices import upload
 from ..network import towers
 from ..network.ops import TorchOps
 from .graphs import GraphCache
+from .prefix_cache import PAGE_TOKENS, prefill_in_pages
 
 
 class StateMirror:
@@ -66,17 +68,20 @@ class TorchExecutor:
     ``graphs`` (default: $TWOTOWER_CUDA_GRAPHS, else "off"): "on" replays the AR step, the block
     extend and the denoiser step from CUDA graphs on CUDA devices in bfloat16 (``runtime/graphs.py``; off until
     verified on a GPU); "emulate" runs the graphs' static-buffer plumbing without capture (tests,
-    any device)."""
+    any device). ``page_tokens``: the prefill's piece length, the prefix cache's page (see
+    ``runtime/prefix_cache.py``)."""
 
     modes = ("diffusion", "speculative", "mock-ar", "ar")
 
     def __init__(self, cfg, ctx_weights: dict, den_weights: dict | None, dtype: torch.dtype,
-                 context_device: torch.device, denoiser_device: torch.device, graphs: str | None = None):
+                 context_device: torch.device, denoiser_device: torch.device, graphs: str | None = None,
+                 page_tokens: int = PAGE_TOKENS):
         graphs = graphs or os.environ.get("TWOTOWER_CUDA_GRAPHS", "off")
         if graphs not in GRAPH_MODES:
             raise ValueError(f"graphs: expected one of {', '.join(GRAPH_MODES)}, got {graphs!r} "
                              f"(from TWOTOWER_CUDA_GRAPHS?)")
         self.graphs = graphs
+        self.page_tokens = page_tokens
         self.cfg = cfg
         self.dtype = dtype
         self.context_device = context_device
@@ -99,20 +104,30 @@ class TorchExecutor:
         return None
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[list[int]], capacity: int):
-        """Each row alone (prompts differ in length), then one batched state.
-        Returns (state, fp32 logits of each row's last prompt token [B, V] or None for empty prompts)."""
+    def prefill(self, prompts: list[list[int]], capacity: int, pages=None):
+        """Each row alone (prompts differ in length), in pieces that end at page boundaries
+        (``prefix_cache.prefill_in_pages``, cache on or off), then one batched state. ``pages``
+        (``prefix_cache.BatchPages``): each row resumes from its cached prefix, and its new pages
+        are cached. Returns (state, fp32 logits of each row's last prompt token [B, V] or None
+        when a prompt is empty)."""
         rows, last = [], []
-        for prompt in prompts:
-            state = towers.empty_state(self.cfg, 1, capacity, self.dtype, self.context_device)
-            if prompt:
-                ids = upload([prompt], self.context_device)
-                hidden, state = towers.forward_layers(self.ctx_ops, self.cfg, self.ctx_weights, ids, state,
-                                                      causal=True, commit=True)
-                last.append(self.ctx_ops.logits(hidden[:, -1], self.ctx_weights["lm_head"]))
+        for b, prompt in enumerate(prompts):
+            start = pages.resume(b) if pages is not None else None
+            state = towers.empty_state(self.cfg, 1, capacity, self.dtype, self.context_device) if start is None \
+                else towers.concat_states([start], capacity)
+            logits, state = prefill_in_pages(self._prefill_piece, state, prompt, self.page_tokens,
+                                             None if pages is None else partial(pages.store, b))
+            if logits is not None:
+                last.append(logits)
             rows.append(state)
         logits = torch.cat(last) if len(last) == len(prompts) else None
         return (rows[0] if len(rows) == 1 else towers.concat_states(rows, capacity)), logits
+
+    def _prefill_piece(self, state, ids: list[int], logits: bool):
+        hidden, state = towers.forward_layers(self.ctx_ops, self.cfg, self.ctx_weights,
+                                              upload([ids], self.context_device), state,
+                                              causal=True, commit=True)
+        return (self.ctx_ops.logits(hidden[:, -1], self.ctx_weights["lm_head"]) if logits else None), state
 
     @torch.inference_mode()
     def extend(self, state, tokens: torch.Tensor, logits: bool, trace: bool = False, in_place: bool = False):

@@ -39,6 +39,7 @@ class RowOutput:
     steps: int = 0  # forwards that produced this row's tokens (denoiser steps in diffusion; see ``nfe``)
     denoiser_forwards: int = 0
     context_forwards: int = 0  # the prefill included
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache, not prefilled
     finished: bool = False
     cancelled: bool = False
     accepted: list[int] = field(default_factory=list)  # speculative: drafts accepted per block
@@ -109,9 +110,10 @@ class Lane:
 
     batched_fields: tuple[str, ...] = ("state",)
 
-    def __init__(self, executor, key: tuple):
+    def __init__(self, executor, key: tuple, prefix_cache=None):
         self.executor = executor
         self.key = key
+        self.prefix_cache = prefix_cache
         self.rows: list[Row] = []
         self.state = None
         self.capacity = 0
@@ -148,6 +150,12 @@ class Lane:
     def _prefill(self, rows: list[Row], capacity: int) -> dict:
         """The new rows' values of every batched field (missing ones: zeros / None)."""
         raise NotImplementedError
+
+    def _prefill_context(self, rows: list[Row], prompts: list[list[int]], capacity: int):
+        """The executor's prefill of ``prompts`` (one per row), through the prefix cache when
+        there is one. Returns (state, logits of each last prompt token [B, V] or None)."""
+        pages = None if self.prefix_cache is None else self.prefix_cache.pages_for(rows, prompts)
+        return self.executor.prefill(prompts, capacity, pages=pages)
 
     def _after_admit(self, new: list[int]) -> None:
         """Hook for what admission decides about the new rows at indices ``new``."""
@@ -214,8 +222,8 @@ class BlockLane(Lane):
     batched_fields = ("state", "x", "open", "block_step", "committed_at", "draft_probs")
     given = 0
 
-    def __init__(self, executor, key: tuple):
-        super().__init__(executor, key)
+    def __init__(self, executor, key: tuple, prefix_cache=None):
+        super().__init__(executor, key, prefix_cache)
         self.x = self.open = self.block_step = self.committed_at = self.draft_probs = None
 
     def _new_blocks(self, count: int, first_tokens: torch.Tensor | None = None) -> dict:
@@ -231,7 +239,7 @@ class BlockLane(Lane):
                 "draft_probs": None}
 
     def _prefill(self, rows, capacity):
-        state, _ = self.executor.prefill([r.prompt for r in rows], capacity)
+        state, _ = self._prefill_context(rows, [r.prompt for r in rows], capacity)
         return {"state": state, **self._new_blocks(len(rows))}
 
     def _confidence(self) -> str:
@@ -307,12 +315,12 @@ class SpeculativeLane(BlockLane):
     batched_fields = BlockLane.batched_fields + ("pending",)
     given = 1
 
-    def __init__(self, executor, key: tuple):
-        super().__init__(executor, key)
+    def __init__(self, executor, key: tuple, prefix_cache=None):
+        super().__init__(executor, key, prefix_cache)
         self.pending = None
 
     def _prefill(self, rows, capacity):
-        state, logits = self.executor.prefill([r.prompt for r in rows], capacity)
+        state, logits = self._prefill_context(rows, [r.prompt for r in rows], capacity)
         pending = sampler.sample_next(logits, [r.settings.temperature for r in rows], [r.settings.top_k for r in rows],
                                       [r.settings.top_p for r in rows], [r.ar_gen for r in rows])
         for r in rows:
@@ -372,8 +380,8 @@ class TokenLane(Lane):
     the next-token head over the context, re-reading the last committed token from the state before
     it, without time conditioning, spec §7.5)."""
 
-    def __init__(self, executor, key: tuple):
-        super().__init__(executor, key)
+    def __init__(self, executor, key: tuple, prefix_cache=None):
+        super().__init__(executor, key, prefix_cache)
         self.mock_ar = key[0] == "mock-ar"
         self.batched_fields = ("state", "before", "last") if self.mock_ar else ("state", "logits")
         self.before = self.last = self.logits = None
@@ -381,9 +389,9 @@ class TokenLane(Lane):
     def _prefill(self, rows, capacity):
         ex = self.executor
         if not self.mock_ar:
-            state, logits = ex.prefill([r.prompt for r in rows], capacity)
+            state, logits = self._prefill_context(rows, [r.prompt for r in rows], capacity)
             return {"state": state, "logits": logits}
-        before, _ = ex.prefill([r.prompt[:-1] for r in rows], capacity)
+        before, _ = self._prefill_context(rows, [r.prompt[:-1] for r in rows], capacity)
         last = upload([[r.prompt[-1]] for r in rows], ex.context_device, torch.long)
         _, state = ex.extend(before, last, logits=False)
         return {"state": state, "before": before, "last": last}

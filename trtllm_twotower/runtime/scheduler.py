@@ -11,8 +11,10 @@ in the commit rule); every row keeps its own generators, so its tokens equal run
 The batch capacity comes from memory: a row's state (K/V for its length, conv and fp32 SSM states,
 speculative mode's per-position states) is counted against ``memory_budget`` bytes (default: 80 %
 of the free memory of the context device, or a quarter of the host's RAM on CPU), and at most
-``max_batch`` rows run at once. The Python API drives a scheduler in the caller's thread; the
-servers run one in a background thread (``start``).
+``max_batch`` rows run at once. The prefix cache (``runtime/prefix_cache.py``, at most
+``prefix_cache_bytes``, default: the whole budget, 0: off) lives in the same budget: its pages
+yield to new rows (least recently used first), except those that running rows hold. The Python API
+drives a scheduler in the caller's thread; the servers run one in a background thread (``start``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 
 from ..engine_io import state_bytes_per_row
 from .lanes import LANES, Row, lane_key
+from .prefix_cache import PrefixCache
 from .sampler import SamplerSettings
 
 log = logging.getLogger(__name__)
@@ -98,12 +101,15 @@ def default_memory_budget(device: torch.device) -> int:
 
 
 class Scheduler:
-    def __init__(self, executor, cfg, max_batch: int | None = None, memory_budget: int | None = None):
+    def __init__(self, executor, cfg, max_batch: int | None = None, memory_budget: int | None = None,
+                 prefix_cache_bytes: int | None = None):
         self.executor = executor
         self.cfg = cfg
         self.max_batch = max_batch or DEFAULT_MAX_BATCH
         self.memory_budget = memory_budget if memory_budget is not None else \
             default_memory_budget(executor.context_device)
+        cache_bytes = self.memory_budget if prefix_cache_bytes is None else min(prefix_cache_bytes, self.memory_budget)
+        self.prefix_cache = PrefixCache(executor.page_tokens, cache_bytes) if cache_bytes > 0 else None
         self.lanes: dict[tuple, object] = {}
         self._waiting: deque[Row] = deque()
         self._lock = threading.Lock()  # guards _waiting
@@ -158,6 +164,8 @@ class Scheduler:
                     for r in lane.rows:
                         r.leave_failed(err)
                     del self.lanes[key]
+            if self.prefix_cache is not None:
+                self.prefix_cache.release_finished()
             return worked
 
     def run_until(self, ticket: Ticket) -> None:
@@ -189,6 +197,7 @@ class Scheduler:
         need: dict[tuple, int] = {}
         lane_bytes = {key: self._lane_bytes(key, [], 0) for key in self.lanes}
         rows_now = self.running
+        held = 0 if self.prefix_cache is None else self.prefix_cache.pinned_bytes  # the rest yields to rows
         with self._lock:
             while self._waiting:
                 row = self._waiting[0]
@@ -201,13 +210,15 @@ class Scheduler:
                 extra_need = max(need.get(key, 0), row.tokens_needed)
                 trial = self._lane_bytes(key, extra, extra_need)
                 total = sum(lane_bytes.values()) - lane_bytes.get(key, 0) + trial
-                if rows_now + 1 > self.max_batch or total > self.memory_budget:
+                if rows_now + 1 > self.max_batch or total + held > self.memory_budget:
                     break  # first come, first served: later rows wait for room too
                 self._waiting.popleft()
                 admitted[key], need[key], lane_bytes[key] = extra, extra_need, trial
                 rows_now += 1
+        if self.prefix_cache is not None:
+            self.prefix_cache.set_room(self.memory_budget - sum(lane_bytes.values()))
         for key, rows in admitted.items():
-            lane = self.lanes.setdefault(key, LANES[rows[0].mode](self.executor, key))
+            lane = self.lanes.setdefault(key, LANES[rows[0].mode](self.executor, key, self.prefix_cache))
             try:
                 lane.admit(rows)
             except Exception as err:  # noqa: BLE001 - a failed prefill fails its own requests only

@@ -7,6 +7,7 @@ the names of ``engine_io``; K/V buffers are written in place by the context engi
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from ..checkpoint import CONTEXT, DENOISER
 from ..engine_io import check_manifest, state_names
 from ..network import towers
 from .executor import StateMirror, check_capacity
+from .prefix_cache import PAGE_TOKENS, prefill_in_pages
 
 
 class TrtExecutor:
@@ -22,6 +24,7 @@ class TrtExecutor:
     and a step profile (1, up to one block); a second execution context runs the steps."""
 
     modes = ("diffusion", "ar")  # mock-AR needs an untimed denoiser, speculative per-position states
+    page_tokens = PAGE_TOKENS
 
     def __init__(self, cfg, sessions: dict, manifest: dict, context_device, denoiser_device):
         self.cfg = cfg
@@ -75,17 +78,25 @@ class TrtExecutor:
             feeds.update({name: by_kind[kind][i] for i, name in entries})
         return feeds
 
-    def prefill(self, prompts: list[list[int]], capacity: int):
+    def prefill(self, prompts: list[list[int]], capacity: int, pages=None):
+        """As ``TorchExecutor.prefill``, with every row's buffers at the engines' capacity."""
         if capacity > self.capacity:
             raise ValueError(f"prompt + output needs {capacity} cache slots; the engines were built for "
                              f"max_seq_len {self.capacity}")
         rows, last = [], []
-        for prompt in prompts:
-            state = towers.empty_state(self.cfg, 1, self.capacity, self.dtype, self.context_device)
-            logits, state = self.extend(state, torch.tensor([prompt]), logits=True)
+        for b, prompt in enumerate(prompts):
+            start = pages.resume(b) if pages is not None else None
+            state = towers.empty_state(self.cfg, 1, self.capacity, self.dtype, self.context_device) if start is None \
+                else towers.concat_states([start], self.capacity)
+            logits, state = prefill_in_pages(self._prefill_piece, state, prompt, self.page_tokens,
+                                             None if pages is None else partial(pages.store, b))
             rows.append(state)
-            last.append(logits[:, -1])
+            last.append(logits)
         return (rows[0] if len(rows) == 1 else towers.concat_states(rows, self.capacity)), torch.cat(last)
+
+    def _prefill_piece(self, state, ids: list[int], logits: bool):
+        out, state = self.extend(state, torch.tensor([ids]), logits=logits)
+        return (None if out is None else out[:, -1]), state
 
     def extend(self, state, tokens: torch.Tensor, logits: bool, trace: bool = False, in_place: bool = False):
         """The context engine over tokens [B, L]; its new K/V are appended to the state's buffers here.

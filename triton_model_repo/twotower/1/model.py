@@ -48,7 +48,8 @@ class TritonPythonModel:
             confidence_threshold FP32. Defaults come from the model's parameters. Unknown request
             parameters are refused (a typo must not be ignored).
     outputs text_output STRING [1,-1] (absent when the checkpoint has no tokenizer), output_ids INT32
-            [1,-1], nfe INT32 [1,1], tokens_per_step FP32 [1,1].
+            [1,-1], nfe INT32 [1,1], tokens_per_step FP32 [1,1], cached_tokens INT32 [1,1] (prompt tokens
+            restored from the prefix cache, not prefilled).
     stream=false: one response with everything, flagged final.
     stream=true: one response per committed block (per token in AR / mock-AR) with the text and ids
             it adds, then one response with the stats (no new text) flagged final.
@@ -66,7 +67,7 @@ class TritonPythonModel:
         from trtllm_twotower.runtime import TwoTowerRuntime
 
         try:
-            limits = {k: int(params[k]) for k in ("max_batch", "memory_budget") if params.get(k)}
+            limits = {k: int(params[k]) for k in ("max_batch", "memory_budget", "prefix_cache_bytes") if params.get(k)}
             self.defaults = {
                 "max_tokens": int(params.get("max_tokens", 64)), "mode": params.get("mode", "diffusion"),
                 "block_size": int(params.get("block_size", 16)), "steps_per_block": int(params.get("steps_per_block", 16)),
@@ -121,7 +122,8 @@ class TritonPythonModel:
             text = None if result.text is None else ("" if stream else result.text[0])
             outputs = _outputs(text, [] if stream else tokens, tokenizer)
             outputs += [pb_utils.Tensor("nfe", np.array([[result.nfe]], dtype=np.int32)),
-                        pb_utils.Tensor("tokens_per_step", np.array([[result.tokens_per_step]], dtype=np.float32))]
+                        pb_utils.Tensor("tokens_per_step", np.array([[result.tokens_per_step]], dtype=np.float32)),
+                        pb_utils.Tensor("cached_tokens", np.array([[result.stats["cached_tokens"]]], dtype=np.int32))]
             _send(sender, pb_utils.InferenceResponse(outputs), FINAL)
 
         state["ticket"] = self.runtime.submit(prepared, on_block, on_done)
