@@ -305,6 +305,40 @@ def test_a_server_error_is_shown(open_page, server, knob, value, message):
     assert page.page.locator("#generate").is_enabled()
 
 
+@pytest.mark.parametrize("status, body, message", [
+    (500, "Internal Server Error", "the server answered 500 Internal Server Error"),
+    (200, 'data: {"type": "start", "mode": "diffusion", "block_size": 4, "steps_per_block": 4, "max_new_tokens": 8, '
+          '"rows": 1, "tokenizer": true}\n\n'
+          'data: {"type": "error", "error": {"message": "generation failed: out of memory", "type": "server_error"}}\n\n',
+     "generation failed: out of memory"),
+    (200, 'data: {"type": "start", "mode": "diffusion", "block_size": 4, "steps_per_block": 4, "max_new_tokens": 8, '
+          '"rows": 1, "tokenizer": true}\n\n', "the server closed the stream before its end"),
+])
+def test_a_failure_after_validation_is_shown(open_page, server, status, body, message):
+    """What the real server cannot be made to do on demand (fail mid-stream, answer a bare 500),
+    answered in its place by the browser's request routing."""
+    page = open_page(server)
+    page.page.route("**/v1/playground/events", lambda route: route.fulfill(
+        status=status, body=body, content_type="text/event-stream" if status == 200 else "text/plain"))
+    page.page.click("#generate")
+    error = page.page.locator("#error")
+    error.wait_for(state="visible", timeout=TIMEOUT_MS)
+    assert error.inner_text() == message
+
+
+def test_stop_cancels_a_running_generation(open_page, server):
+    page = open_page(server)
+    page.set_knobs(mode="ar", max_tokens=4000)
+    page.page.fill("#prompt", "A")
+    page.page.click("#generate")
+    page.page.locator("section.run .cell.kept").first.wait_for(timeout=TIMEOUT_MS)
+    page.page.click("#stop")
+    error = page.page.locator("#error")
+    error.wait_for(state="visible", timeout=TIMEOUT_MS)
+    assert error.inner_text() == "stopped" and page.page.locator("#generate").is_enabled()
+    assert page.page.locator("section.run.done").count() == 0
+
+
 def test_token_ids_without_a_tokenizer(open_page, bare_server):
     page = open_page(bare_server)
     knobs = dict(mode="diffusion", confidence_threshold=0.05, steps_per_block=4, block_size=8, temperature=0, seed=0,
