@@ -290,14 +290,16 @@ def test_the_knobs_change_what_is_sent(open_page, server):
     assert again.value.post_data_json == {**knobs, "mode": "diffusion", "prompt": [82, 101, 116]}
 
 
-@pytest.mark.parametrize("knob, value, message", [
-    ("block_size", 999, "block_size: must be <= 64 on this server, got 999"),
-    ("steps_per_block", "", "steps_per_block: expected an integer, got None"),
-    ("confidence_threshold", 1.5, "confidence_threshold: expected a number in [0.0, 1.0], got 1.5"),
+@pytest.mark.parametrize("knobs, message", [
+    ({"block_size": 999}, "block_size: must be <= 64 on this server, got 999"),
+    ({"steps_per_block": ""}, "steps_per_block: expected an integer, got None"),
+    ({"confidence_threshold": 1.5}, "confidence_threshold: expected a number in [0.0, 1.0], got 1.5"),
+    ({"prompt_ids": True, "prompt": "5, , 7"}, "prompts[0]: expected a string or a list of ints, got list"),
+    ({"prompt": ""}, "prompts[0]: empty prompt"),
 ])
-def test_a_server_error_is_shown(open_page, server, knob, value, message):
+def test_a_server_error_is_shown(open_page, server, knobs, message):
     page = open_page(server)
-    page.set_knobs(**{knob: value})
+    page.set_knobs(**knobs)
     page.page.click("#generate")
     error = page.page.locator("#error")
     error.wait_for(state="visible", timeout=TIMEOUT_MS)

@@ -52,7 +52,7 @@ class StepEvent:
     token after a fully accepted block), which is the next block's position 0. A row can end on
     that token alone: a last "block" event with ``tokens`` = [it] and ``accepted`` None.
     kind "token" (AR, mock-AR): the forward's one token, ``block`` its index in the output, ``step``
-    the row's forward count before it, ``confidences`` its temperature-1 probability.
+    the row's forward count before it, ``positions`` [0], ``confidences`` its temperature-1 probability.
     Concatenated, the "block" and "token" events' ``tokens`` are the row's output.
     """
 

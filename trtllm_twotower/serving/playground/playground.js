@@ -14,7 +14,8 @@ function requestBody() {
     body[knob] = knob === "mode" ? value : value === "" ? null : Number(value);
   }
   const prompt = $("prompt").value;
-  body.prompt = $("prompt_ids").checked ? prompt.split(",").map((id) => Number(id.trim())) : prompt;
+  const ids = () => prompt.split(",").map((id) => (id.trim() === "" ? null : Number(id)));
+  body.prompt = $("prompt_ids").checked ? ids() : prompt;
   return body;
 }
 
