@@ -103,3 +103,22 @@ def test_an_ar_step_reads_its_tokens_only(all_kinds_dir, reads):
             lane.advance()
         assert dict(reads.calls) == {"torch.Tensor.tolist": 1}
         reads.calls.clear()
+
+
+@pytest.mark.parametrize("mode", ["diffusion", "speculative"])
+def test_a_listened_step_reads_its_commits_back(all_kinds_dir, reads, mode):
+    """``on_step`` costs reads only when a row listens: four more per denoiser step (the commits,
+    tokens, confidences and block steps of the listening rows), whatever the rest of the batch."""
+    cfg, ctx, den = load_towers(all_kinds_dir)
+    executor = TorchExecutor(cfg, ctx, den, torch.float32, torch.device("cpu"), torch.device("cpu"))
+    rows = _rows(mode, cfg, [0.0, 0.8, 0.0], steps_per_block=4, threshold=1.0, gen=torch.Generator().manual_seed(6))
+    events = []
+    rows[1].on_step = events.append
+    lane = lanes.LANES[mode](executor, lanes.lane_key(mode, rows[0].settings))
+    lane.admit(rows)
+    for step in range(3):  # steps that complete no block
+        with reads:
+            lane.advance()
+        assert reads.total == 1 + 4, (step, dict(reads.calls))
+        reads.calls.clear()
+    assert [e.step for e in events] == [0, 1, 2] and all(e.row == rows[1].index for e in events)

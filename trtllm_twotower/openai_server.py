@@ -23,6 +23,8 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from .serving.playground import add_playground
+
 UNSUPPORTED = ("stop", "logprobs", "top_logprobs", "echo", "best_of", "suffix", "logit_bias", "tools", "functions",
                "response_format")
 KNOBS = ("mode", "block_size", "steps_per_block", "confidence_threshold", "top_k")
@@ -197,6 +199,7 @@ def create_app(runtime, model_name: str, defaults: dict | None = None, max_block
         field = "max_completion_tokens" if body.get("max_completion_tokens") else "max_tokens"
         return await respond(body, prepare(body, [list(ids)], field), "chat")
 
+    add_playground(app, runtime, body_of, prepare, COMPLETION_FIELDS)
     return app
 
 

@@ -18,7 +18,7 @@ from ..config import load_config
 from ..demo import default_checkpoint
 from . import sampler
 from .executor import TorchExecutor
-from .lanes import MODES, Row
+from .lanes import MODES, Row, StepEvent
 from .scheduler import Scheduler, Ticket
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -221,9 +221,10 @@ class TwoTowerRuntime:
         return PreparedRequest(mode, prompt_ids, settings, list(seeds))
 
     def submit(self, request: "PreparedRequest", on_block: Callable[[BlockEvent], None] | None = None,
-               on_done: Callable[[Ticket], None] | None = None) -> Ticket:
+               on_done: Callable[[Ticket], None] | None = None,
+               on_step: Callable[[StepEvent], None] | None = None) -> Ticket:
         """Queue a prepared request on the scheduler; returns its ticket (``done``, ``cancel()``,
-        ``result(ticket)``). ``on_block`` and ``on_done`` run on the scheduler's thread."""
+        ``result(ticket)``). ``on_block``, ``on_step`` and ``on_done`` run on the scheduler's thread."""
         stream = _TextStream(self.tokenizer, len(request.prompt_ids))
         on_event = None
         if on_block is not None:
@@ -231,7 +232,7 @@ class TwoTowerRuntime:
                 on_block(BlockEvent(row, tokens, stream.push(row, tokens, finished), finished))
 
         return self.scheduler.submit(request.mode, request.prompt_ids, request.settings, request.seeds, on_event,
-                                     on_done)
+                                     on_done, on_step)
 
     def result(self, ticket: Ticket) -> GenerationResult:
         """The finished ticket's outputs (raises the error of a failed one)."""
@@ -258,9 +259,10 @@ class TwoTowerRuntime:
             nfe=max(steps), nfe_per_row=steps, tokens_per_step=generated / max(1, sum(steps)),
             seconds=(ticket.finished or time.perf_counter()) - ticket.submitted, stats=stats)
 
-    def run(self, request: "PreparedRequest", on_block: Callable[[BlockEvent], None] | None = None) -> GenerationResult:
+    def run(self, request: "PreparedRequest", on_block: Callable[[BlockEvent], None] | None = None,
+            on_step: Callable[[StepEvent], None] | None = None) -> GenerationResult:
         """Generate for a prepared (validated) request, waiting for it."""
-        ticket = self.submit(request, on_block)
+        ticket = self.submit(request, on_block, on_step=on_step)
         self.scheduler.run_until(ticket)
         return self.result(ticket)
 
@@ -268,14 +270,19 @@ class TwoTowerRuntime:
                  steps_per_block: int = 16, confidence_threshold: float = 0.8, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | Sequence[int] = 0,
                  eos_token_id: int | None = -1, mask_token_id: int | None = None,
-                 on_block: Callable[[BlockEvent], None] | None = None) -> GenerationResult:
+                 on_block: Callable[[BlockEvent], None] | None = None,
+                 on_step: Callable[[StepEvent], None] | None = None) -> GenerationResult:
         """Generate for one prompt or a batch. ``eos_token_id=-1`` (default) takes the checkpoint's;
         None never stops early. ``seed``: one for every row, or one per row (each row has its own
         generator, so a row's tokens do not depend on the rest of the batch). ``on_block`` receives
-        a BlockEvent per committed block and row (per token in AR / mock-AR)."""
+        a BlockEvent per committed block and row (per token in AR / mock-AR). ``on_step`` receives a
+        ``StepEvent`` per forward and row: each denoiser step's commits (positions, tokens,
+        confidences), each block as it joins the output (speculative: drafts accepted, the
+        corrected token), each AR / mock-AR token. Without it nothing extra is read back from the
+        device; with it a step reads its commits back (a few small reads per step)."""
         request = self.prepare(prompts, max_new_tokens, mode, block_size, steps_per_block, confidence_threshold,
                                temperature, top_k, top_p, seed, eos_token_id, mask_token_id)
-        return self.run(request, on_block)
+        return self.run(request, on_block, on_step)
 
     def _validate(self, mode: str, s: sampler.SamplerSettings, prompt_ids: list[list[int]]) -> None:
         if mode not in MODES:

@@ -12,6 +12,9 @@ waits one denoiser step for its turn, and starts its first block at its own bloc
 leave as soon as they finish or are cancelled. Each row keeps its own settings and generators and
 takes exactly the steps it would take alone, so its tokens do not depend on the other rows.
 
+A row with an ``on_step`` listener also reports what every forward did to it (``StepEvent``). Only
+listened steps read those commits back from the device; a batch without listeners reads nothing more.
+
 Modes (spec §7): diffusion (§7.1), speculative (the exact AR output from drafted blocks), AR
 (§7.4), mock-AR (§7.5).
 """
@@ -33,9 +36,41 @@ MODES = ("diffusion", "speculative", "mock-ar", "ar")
 DRAFT_CONFIDENCE = "argmax"
 
 
+@dataclass(frozen=True)
+class StepEvent:
+    """What one forward did to one row (``Row.on_step``); a row's events are those it has alone.
+
+    kind "step" (block modes): one denoiser step of block ``block`` (the row's blocks count from 0);
+    ``step`` is the step within the block (0 .. steps_per_block - 1); ``positions`` the block
+    positions committed at it, ``tokens`` their tokens and ``confidences`` their committing
+    probabilities (diffusion: the temperature-1 probability of the drawn token, the commit rule's
+    own; speculative drafts: that of the most likely token, see ``DRAFT_CONFIDENCE``).
+    kind "block" (block modes): block ``block`` joins the output: ``tokens`` are the tokens the row
+    keeps, at block positions 0 .. len(tokens) - 1 (fewer than the block at EOS or max_new_tokens).
+    Speculative: position 0 is the known AR token, ``accepted`` the drafts kept after it and
+    ``corrected`` the AR token at position 1 + accepted (replacing the rejected draft there, or the
+    token after a fully accepted block), which is the next block's position 0. A row can end on
+    that token alone: a last "block" event with ``tokens`` = [it] and ``accepted`` None.
+    kind "token" (AR, mock-AR): the forward's one token, ``block`` its index in the output, ``step``
+    the row's forward count before it, ``positions`` [0], ``confidences`` its temperature-1 probability.
+    Concatenated, the "block" and "token" events' ``tokens`` are the row's output.
+    """
+
+    row: int  # the row's place in its request
+    kind: str
+    block: int
+    step: int | None
+    positions: list[int]
+    tokens: list[int]
+    confidences: list[float]
+    accepted: int | None = None
+    corrected: int | None = None
+
+
 @dataclass
 class RowOutput:
     tokens: list[int] = field(default_factory=list)
+    blocks: int = 0  # blocks completed (block modes)
     steps: int = 0  # forwards that produced this row's tokens (denoiser steps in diffusion; see ``nfe``)
     denoiser_forwards: int = 0
     context_forwards: int = 0  # the prefill included
@@ -51,7 +86,8 @@ class RowOutput:
 class Row:
     """One sequence being generated. ``emit(row, new_tokens)`` is called after each unit that
     changed it (the tokens may be empty when the row was cancelled); ``row.out.finished`` then says
-    whether it was the last call. ``fail(error)`` reports a failed forward."""
+    whether it was the last call. ``fail(error)`` reports a failed forward. ``on_step(event)``, when
+    given, hears every forward's ``StepEvent`` (before the ``emit`` of the same unit)."""
 
     mode: str
     prompt: list[int]
@@ -60,6 +96,7 @@ class Row:
     emit: Callable[["Row", list[int]], None]
     fail: Callable[[BaseException], None]
     index: int = 0  # its place in its request
+    on_step: Callable[[StepEvent], None] | None = None
     out: RowOutput = field(default_factory=RowOutput)
     cancelled: bool = False
     draft_gen: torch.Generator | None = None  # draws on the denoiser's device (diffusion, mock-AR)
@@ -187,11 +224,20 @@ class Lane:
     def _settings(self, name: str, rows: list[int] | None = None) -> list:
         return [getattr(self.rows[i].settings, name) for i in (range(len(self.rows)) if rows is None else rows)]
 
-    def _emit(self, indices: list[int], tokens_per_row: list[list[int]]) -> None:
-        """Append and report the new tokens of the rows at ``indices``."""
-        for i, tokens in zip(indices, tokens_per_row):
+    def _emit(self, indices: list[int], tokens_per_row: list[list[int]],
+              event: Callable[[int, Row, list[int]], StepEvent] | None = None) -> None:
+        """Append and report the new tokens of the rows at ``indices``. ``event(j, row, kept)``
+        builds the StepEvent of ``indices[j]`` for a listening row from the tokens it kept."""
+        for j, (i, tokens) in enumerate(zip(indices, tokens_per_row)):
             r = self.rows[i]
-            r.emit(r, append_tokens(r, tokens))
+            kept = append_tokens(r, tokens)
+            if r.on_step is not None and event is not None:
+                r.on_step(event(j, r, kept))
+            r.emit(r, kept)
+
+    def _listening(self, rows: list[int] | None = None) -> list[int]:
+        """The rows (of ``rows``, default all) with a step listener."""
+        return [i for i in (range(len(self.rows)) if rows is None else rows) if self.rows[i].on_step is not None]
 
     def _extend(self, rows: list[int], tokens: torch.Tensor, *, logits: bool, trace: bool = False,
                 in_place: bool = False):
@@ -262,11 +308,14 @@ class BlockLane(Lane):
             r.out.denoiser_forwards += 1
         temps = self._settings("temperature")
         record = self.given > 0 and any(t > 0 for t in temps)  # speculative's sampled rows need q
-        new_x, _, probs = sampler.commit_step(
+        new_x, _, probs, confidence = sampler.commit_step(
             self.x, logits, mask_id, self.block_step, self._settings("steps_per_block"),
             self._settings("confidence_threshold"), temps, [r.draft_gen for r in rows],
             confidence=self._confidence(), return_probs=True, masked=self.open)
         newly = self.open & (new_x != mask_id)  # the denoiser never predicts the mask id
+        listening = self._listening()
+        if listening:
+            self._report_step(listening, newly, new_x, confidence)
         self.committed_at = torch.where(newly, self.block_step[:, None], self.committed_at)
         if record and probs is not None:
             if self.draft_probs is None:
@@ -281,6 +330,29 @@ class BlockLane(Lane):
         if done:
             self._complete(done)
 
+    def _report_step(self, listening: list[int], newly: torch.Tensor, new_x: torch.Tensor,
+                     confidence: torch.Tensor) -> None:
+        """The listening rows' "step" events: their commits of this step (newly, new_x, confidence
+        [B, L]) and block steps, read back for those rows only (four reads)."""
+        index = upload(listening, newly.device, torch.long)
+        committed, tokens, confidences, steps = (t[index].tolist() for t in (newly, new_x, confidence, self.block_step))
+        for j, i in enumerate(listening):
+            r = self.rows[i]
+            positions = [p for p, c in enumerate(committed[j]) if c]
+            r.on_step(StepEvent(r.index, "step", r.out.blocks, steps[j], positions,
+                                [tokens[j][p] for p in positions], [confidences[j][p] for p in positions]))
+
+    def _emit_blocks(self, done: list[int], tokens_per_row: list[list[int]], accepted: list[int] | None = None,
+                     corrected: list[int] | None = None) -> None:
+        """Append and report the completed blocks of the rows at ``done`` ("block" events)."""
+        def event(j: int, r: Row, kept: list[int]) -> StepEvent:
+            return StepEvent(r.index, "block", r.out.blocks, None, list(range(len(kept))), kept, [],
+                             None if accepted is None else accepted[j], None if corrected is None else corrected[j])
+
+        self._emit(done, tokens_per_row, event)
+        for i in done:
+            self.rows[i].out.blocks += 1
+
     def _complete(self, done: list[int]) -> None:
         raise NotImplementedError
 
@@ -292,7 +364,7 @@ class DiffusionLane(BlockLane):
     def _complete(self, done):
         ex = self.executor
         blocks = self.x[done].to(ex.context_device)
-        self._emit(done, blocks.tolist())
+        self._emit_blocks(done, blocks.tolist())
         going = [j for j, i in enumerate(done) if not self.rows[i].out.finished]
         if going:
             rows = [done[j] for j in going]
@@ -341,7 +413,8 @@ class SpeculativeLane(BlockLane):
         ending = [i for i in indices if pending[i] == self.rows[i].settings.eos_token_id
                   or len(self.rows[i].out.tokens) + 1 >= self.rows[i].settings.max_new_tokens]
         if ending:
-            self._emit(ending, [[pending[i]] for i in ending])
+            self._emit(ending, [[pending[i]] for i in ending],
+                       lambda j, r, kept: StepEvent(r.index, "block", r.out.blocks, None, [0], kept, []))
             self._keep([i for i, r in enumerate(self.rows) if not r.out.finished])
 
     def _complete(self, done):
@@ -365,7 +438,9 @@ class SpeculativeLane(BlockLane):
             for j in range(tried):
                 out.attempts_by_position[j] += 1
                 out.accepts_by_position[j] += j < a
-        self._emit(done, [d[: 1 + a] for d, a in zip(drafts.tolist(), verdict.accepted)])
+        corrected = verdict.next_token.tolist() if self._listening(done) else None  # read only when listened to
+        self._emit_blocks(done, [d[: 1 + a] for d, a in zip(drafts.tolist(), verdict.accepted)], verdict.accepted,
+                          corrected)
         going = [i for i in done if not self.rows[i].out.finished]
         if going:
             self._restart(going, self.pending[upload(going, self.pending.device, torch.long)])
@@ -405,10 +480,22 @@ class TokenLane(Lane):
             logits, gens = self.logits, [r.ar_gen for r in rows]
         tokens = sampler.sample_next(logits, self._settings("temperature"), self._settings("top_k"),
                                      self._settings("top_p"), gens)
+        listening = self._listening()
+        probability = None
+        if listening:  # read only when listened to: the tokens' temperature-1 probabilities
+            index = upload(listening, logits.device, torch.long)
+            chosen = torch.softmax(logits[index].float(), dim=-1).gather(-1, tokens[index, None].to(logits.device))
+            probability = dict(zip(listening, chosen[:, 0].tolist()))
+
         for r in rows:
             r.out.steps += 1
             r.out.denoiser_forwards += self.mock_ar
-        self._emit(list(range(len(rows))), [[t] for t in tokens.tolist()])
+
+        def event(j: int, r: Row, kept: list[int]) -> StepEvent:
+            return StepEvent(r.index, "token", len(r.out.tokens) - len(kept), r.out.steps - 1, [0], kept,
+                             [probability[j]])
+
+        self._emit(list(range(len(rows))), [[t] for t in tokens.tolist()], event)
         keep = [i for i, r in enumerate(rows) if not r.out.finished]
         tokens = tokens.to(ex.context_device)[:, None]
         tokens = tokens[keep] if len(keep) < len(rows) else tokens

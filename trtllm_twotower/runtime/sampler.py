@@ -67,8 +67,9 @@ def commit_step(x: torch.Tensor, logits: torch.Tensor, mask_id: int, step: int, 
     may equal the mask id: speculative mode's known first token is any token the AR model chose). ``steps``,
     ``threshold``, ``temperature``: a number or one per row. Returns (new x [B, L], committed count
     [B]) and with ``return_probs`` the distribution each prediction was drawn from ([B, L, V],
-    temperature applied; None when every row is greedy). Committed tokens never change. Among equal
-    confidences the lower position commits first (stable sort). ``generators``: one per row, drawn
+    temperature applied; None when every row is greedy) and each position's confidence ([B, L], what
+    the commit rule ranks by: a committed token's committing probability). Committed tokens never
+    change. Among equal confidences the lower position commits first (stable sort). ``generators``: one per row, drawn
     from only by rows with temperature > 0 (one [L, V] table per step; the lanes only pass rows
     with an open block). No value is read back from the device: a step is launched, not waited for.
     ``confidence``: "sampled" = the temperature-1 probability of the drawn token (the spec's rule);
@@ -110,7 +111,7 @@ def commit_step(x: torch.Tensor, logits: torch.Tensor, mask_id: int, step: int, 
     rank.scatter_(-1, order, torch.arange(L, device=device).expand_as(order))
     commit = masked & (rank < k[:, None])
     new_x = torch.where(commit, pred, x)
-    return (new_x, k, sample_probs) if return_probs else (new_x, k)
+    return (new_x, k, sample_probs, chosen) if return_probs else (new_x, k)
 
 
 def ar_probs(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:

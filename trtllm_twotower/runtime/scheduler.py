@@ -120,12 +120,13 @@ class Scheduler:
 
     # ---- requests (any thread) -----------------------------------------------------------------------
     def submit(self, mode: str, prompts: list[list[int]], settings: SamplerSettings | list[SamplerSettings],
-               seeds: list[int], on_event=None, on_done=None) -> Ticket:
-        """Queue one request (one row per prompt); settings: one for all rows or one per row."""
+               seeds: list[int], on_event=None, on_done=None, on_step=None) -> Ticket:
+        """Queue one request (one row per prompt); settings: one for all rows or one per row.
+        ``on_step(lanes.StepEvent)``: every forward of every row, from the scheduler's thread."""
         per_row = settings if isinstance(settings, list) else [settings] * len(prompts)
         ticket = Ticket(on_event, on_done)
         for index, (prompt, s, seed) in enumerate(zip(prompts, per_row, seeds, strict=True)):
-            row = Row(mode, prompt, s, seed, ticket._emit, ticket._fail, index)
+            row = Row(mode, prompt, s, seed, ticket._emit, ticket._fail, index, on_step)
             need = self._row_bytes(row, row.tokens_needed)
             if need > self.memory_budget:
                 raise CapacityError(f"request needs {need} bytes of state for {row.tokens_needed} tokens; the "
