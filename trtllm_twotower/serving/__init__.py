@@ -1,0 +1,1 @@
+"""Serving: the OpenAI-compatible server (+ playground page) and the Triton launcher."""
