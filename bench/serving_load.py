@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_towers import git_commit  # noqa: E402
-from trtllm_twotower.serve import (DEFAULT_REPOSITORY, REPO_ROOT, Supervisor, TritonServer,  # noqa: E402
+from trtllm_twotower.serving.triton_launcher import (DEFAULT_REPOSITORY, REPO_ROOT, Supervisor, TritonServer,  # noqa: E402
                                    copy_model_repository, free_port, ready, stub_processes)
 
 
@@ -141,7 +141,7 @@ def load(target: Target, requests: int, concurrency: int, max_tokens: int, hang_
 
 def openai_server(checkpoint: str | None, log: Path):
     port = free_port()
-    cmd = [sys.executable, "-m", "trtllm_twotower.openai_server", "--port", str(port), "--dtype", "float32"]
+    cmd = [sys.executable, "-m", "trtllm_twotower.serving.openai_server", "--port", str(port), "--dtype", "float32"]
     if checkpoint:
         cmd += ["--checkpoint", checkpoint]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)

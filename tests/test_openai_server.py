@@ -18,7 +18,7 @@ pytest.importorskip("fastapi", reason="fastapi/uvicorn not installed (pip instal
 
 from trtllm_twotower.demo import write_demo_checkpoint  # noqa: E402
 from trtllm_twotower.runtime import TwoTowerRuntime  # noqa: E402
-from trtllm_twotower.serve import free_port  # noqa: E402
+from trtllm_twotower.serving.triton_launcher import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
@@ -38,7 +38,7 @@ def checkpoint(tmp_path_factory):
 def server(checkpoint, tmp_path_factory):
     port = free_port()
     log = open(tmp_path_factory.mktemp("oai_log") / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "trtllm_twotower.openai_server", "--checkpoint", str(checkpoint),
+    proc = subprocess.Popen([sys.executable, "-m", "trtllm_twotower.serving.openai_server", "--checkpoint", str(checkpoint),
                              "--dtype", "float32", "--port", str(port), "--served-model-name", "twotower-demo",
                              "--default-temperature", "0"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

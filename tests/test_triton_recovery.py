@@ -1,5 +1,5 @@
 """A Triton model's backend process killed mid-stream: its clients get an error at once, readiness
-fails, and the supervisor restarts the server by itself (trtllm_twotower.serve.Supervisor)."""
+fails, and the supervisor restarts the server by itself (trtllm_twotower.serving.triton_launcher.Supervisor)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("pytriton", reason="nvidia-pytriton not installed (pip install '.[triton]')")
 
-from trtllm_twotower.serve import (DEFAULT_REPOSITORY, REPO_ROOT, Supervisor, TritonServer,  # noqa: E402
+from trtllm_twotower.serving.triton_launcher import (DEFAULT_REPOSITORY, REPO_ROOT, Supervisor, TritonServer,  # noqa: E402
                                    copy_model_repository, ready)
 
 pytestmark = pytest.mark.triton

@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server over the runtime's in-flight scheduler (FastAPI + uvicorn).
 
-    python -m trtllm_twotower.openai_server [--checkpoint DIR] [--port 8000]
+    python -m trtllm_twotower.serving.openai_server [--checkpoint DIR] [--port 8000]
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (when the tokenizer has a chat
 template), ``GET /v1/models``, ``GET /health``. Streaming sends one server-sent event per committed
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import uvicorn
 
-    from .runtime import TwoTowerRuntime
+    from ..runtime import TwoTowerRuntime
 
     try:
         runtime = TwoTowerRuntime.from_checkpoint(

@@ -5,7 +5,7 @@ runs on CPU) with the environment it needs: the interpreter's own libpython firs
 LD_LIBRARY_PATH, the wheel's vendored libraries, the python-backend stub for this Python next to
 ``libtriton_python.so``, this venv's ``bin`` first on PATH, a unique shared-memory prefix.
 
-    python -m trtllm_twotower.serve --http-port 8000 --grpc-port 8001 [--checkpoint-dir DIR]
+    python -m trtllm_twotower.serving.triton_launcher --http-port 8000 --grpc-port 8001 [--checkpoint-dir DIR]
 
 In a stock Triton container use its own ``tritonserver --model-repository triton_model_repo`` instead.
 """
@@ -28,7 +28,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_REPOSITORY = REPO_ROOT / "triton_model_repo"
 
 
