@@ -6,6 +6,7 @@ and executors trust their inputs.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from .lanes import MODES, Row
 from .scheduler import Scheduler, Ticket
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+MAX_STEPS_PER_BLOCK = 1024  # denoiser steps one block may take (more is a typo, or an attempt to hold the batch)
 
 
 @dataclass(frozen=True)
@@ -172,6 +174,15 @@ class TwoTowerRuntime:
                    max_batch=max_batch, memory_budget=memory_budget)
 
     # ---- generation -------------------------------------------------------------------------
+    @functools.cached_property
+    def max_prompt_chars(self) -> int | None:
+        """Characters beyond which a text prompt cannot fit the model's context whatever it
+        tokenizes to (the limit times the longest token's text), so it is refused before tokenizing."""
+        if self.tokenizer is None:
+            return None
+        longest = max(map(len, self.tokenizer.get_vocab()))
+        return self.cfg.max_position_embeddings * longest
+
     def _prompt_ids(self, prompts) -> list[list[int]]:
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -183,6 +194,9 @@ class TwoTowerRuntime:
                 if self.tokenizer is None:
                     raise ValueError(f"prompts[{i}]: text needs a tokenizer and {self.checkpoint_dir} has none; "
                                      "pass token ids")
+                if len(p) > self.max_prompt_chars:
+                    raise ValueError(f"prompts[{i}]: {len(p)} characters, more than any prompt that fits the model's "
+                                     f"limit of {self.cfg.max_position_embeddings} tokens can have")
                 tokens = self.tokenizer.encode(p)
             elif isinstance(p, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
                 tokens = list(p)
@@ -285,6 +299,8 @@ class TwoTowerRuntime:
         for name in ("max_new_tokens", "block_size", "steps_per_block"):
             if ints[name] < 1:
                 raise ValueError(f"{name}: must be >= 1, got {ints[name]}")
+        if s.steps_per_block > MAX_STEPS_PER_BLOCK:
+            raise ValueError(f"steps_per_block: must be <= {MAX_STEPS_PER_BLOCK}, got {s.steps_per_block}")
         if mode == "speculative" and s.block_size < 2:
             raise ValueError(f"block_size: speculative mode drafts at least one token after the known one; "
                              f"must be >= 2, got {s.block_size}")

@@ -162,7 +162,11 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return sum(len(lane) for lane in self.lanes.values())
+        return sum(len(lane) for lane in list(self.lanes.values()))  # also read by a server's metrics
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     @property
     def waiting(self) -> int:
