@@ -128,7 +128,7 @@ class Scheduler:
             default_memory_budget(executor.context_device)
         self.lanes: dict[tuple, object] = {}
         self._waiting: deque[Ticket] = deque()  # requests with rows to admit; the head is served next
-        self._lock = threading.Lock()  # guards _waiting and _closed
+        self._lock = threading.RLock()  # guards _waiting and _closed (callbacks under it may read counts)
         self._wake = threading.Condition(self._lock)
         self._drive = threading.Lock()  # one thread steps at a time
         self._thread: threading.Thread | None = None
@@ -192,8 +192,10 @@ class Scheduler:
                 for row in lane.rows:
                     row.fail(error)
             with self._lock:
-                for ticket in self._waiting:
-                    ticket._fail(error)
+                waiting = list(self._waiting)
+            for ticket in waiting:
+                ticket._fail(error)
+            with self._lock:
                 self._wake.notify()
 
     # ---- the loop ---------------------------------------------------------------------------------------
