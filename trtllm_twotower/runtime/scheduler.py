@@ -69,6 +69,7 @@ class Ticket:
         self.submitted = time.perf_counter()
         self.first_tokens: float | None = None  # when the first row got its first tokens
         self.finished: float | None = None
+        self.stopped: dict[int, int] = {}  # rows ended by a stop string: row index -> tokens kept
         self._open = 0
 
     def cancel(self) -> None:
@@ -76,9 +77,16 @@ class Ticket:
         for r in self.rows:
             r.cancelled = True
 
+    def stop_row(self, index: int, tokens_kept: int) -> None:
+        """End a row at a stop string: it leaves before its next unit (as a cancelled row does) and
+        its output is its first ``tokens_kept`` tokens. Call from the scheduler's thread (an event)."""
+        self.stopped[index] = tokens_kept
+        self.rows[index].cancelled = True
+
     @property
     def cancelled(self) -> bool:
-        return any(r.out.cancelled for r in self.rows)
+        """A row was cancelled (the client went away), not ended by a stop string."""
+        return any(r.out.cancelled and r.index not in self.stopped for r in self.rows)
 
     @property
     def running(self) -> int:
@@ -137,11 +145,12 @@ class Scheduler:
 
     # ---- requests (any thread) -----------------------------------------------------------------------
     def submit(self, mode: str, prompts: list[list[int]], settings: SamplerSettings | list[SamplerSettings],
-               seeds: list[int], on_event=None, on_done=None) -> Ticket:
+               seeds: list[int], on_event=None, on_done=None, ticket: Ticket | None = None) -> Ticket:
         """Queue one request (one row per prompt); settings: one for all rows or one per row. Raises
-        CapacityError (it can never fit), QueueFullError or ClosedError before queueing anything."""
+        CapacityError (it can never fit), QueueFullError or ClosedError before queueing anything.
+        ``ticket``: one the caller made (with its callbacks), so that they can reach it."""
         per_row = settings if isinstance(settings, list) else [settings] * len(prompts)
-        ticket = Ticket(on_event, on_done)
+        ticket = ticket or Ticket(on_event, on_done)
         for index, (prompt, s, seed) in enumerate(zip(prompts, per_row, seeds, strict=True)):
             row = Row(mode, prompt, s, seed, ticket._emit, ticket._fail, index)
             need = self._row_bytes(row, row.tokens_needed)

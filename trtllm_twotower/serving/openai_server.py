@@ -8,7 +8,9 @@ server-sent event per committed block (per token in AR / mock-AR), then ``data: 
 knobs pass as extra body fields (``mode``, ``block_size``, ``steps_per_block``,
 ``confidence_threshold``, ``top_k``, ``seed``); ``prompt`` may be token ids, and a checkpoint without
 a tokenizer answers with ids (``text`` null, ``token_ids`` in every choice). OpenAI fields the model
-cannot honour (``echo``, ``best_of``, ``suffix``, penalties, ...) are refused, not ignored.
+cannot honour (``echo``, ``best_of``, ``suffix``, penalties, ...) are refused, not ignored. ``stop``
+(up to 4 strings) ends a row at the first match, checked as its tokens are committed in every mode;
+the text excludes the stop string (``token_ids`` end at the token that completed it).
 
 Limits before work: bodies over ``--max-request-bytes`` are refused (413) before they are read in
 full, text prompts that cannot fit the model are refused before tokenizing, parsing and tokenizing
@@ -39,11 +41,11 @@ from ..runtime.scheduler import ClosedError, QueueFullError
 from .metrics import ServingMetrics, outcome_of_status
 from .request_body import BodyError, parse_object, read_limited
 
-UNSUPPORTED = ("stop", "logprobs", "top_logprobs", "echo", "best_of", "suffix", "logit_bias", "tools", "functions",
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "logit_bias", "tools", "functions",
                "response_format")
 KNOBS = ("mode", "block_size", "steps_per_block", "confidence_threshold", "top_k")
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "seed",
-                     "user", "presence_penalty", "frequency_penalty", *UNSUPPORTED, *KNOBS}
+                     "stop", "user", "presence_penalty", "frequency_penalty", *UNSUPPORTED, *KNOBS}
 CHAT_FIELDS = (COMPLETION_FIELDS - {"prompt", "echo", "suffix", "best_of"}) | {"messages", "max_completion_tokens"}
 MAX_SEED = 2**63 - 16  # a request's rows take seed + i for i < n <= 16
 RETRY_AFTER_S = "1"
@@ -245,7 +247,7 @@ class OpenAIServer:
                 steps_per_block=body.get("steps_per_block", d["steps_per_block"]),
                 confidence_threshold=body.get("confidence_threshold", d["confidence_threshold"]),
                 temperature=body.get("temperature", d["temperature"]), top_k=body.get("top_k", 0),
-                top_p=body.get("top_p", 1.0), seed=[seed + i % n for i in range(len(rows))])
+                top_p=body.get("top_p", 1.0), seed=[seed + i % n for i in range(len(rows))], stop=body.get("stop"))
         except ValueError as err:
             message = str(err).replace("max_new_tokens", max_tokens_field)
             raise ApiError(message, message.split(":", 1)[0].split("[", 1)[0]) from err
@@ -334,9 +336,8 @@ class Reply:
                                       "model": self.model_name, "choices": choices, **extra}) + "\n\n"
 
     def finish_reason(self, result, row: int) -> str:
-        tokens = result.output_ids[row]
-        eos = self.prepared.settings.eos_token_id
-        return "stop" if eos is not None and tokens and tokens[-1] == eos else "length"
+        """EOS or a stop string: "stop"; otherwise "length" (a cancelled row's client is gone)."""
+        return "stop" if result.finish_reasons[row] == "stop" else "length"
 
     def usage(self, result) -> dict:
         prompt = sum(map(len, self.prepared.prompt_ids[:: self.n]))  # each prompt once, not once per choice
