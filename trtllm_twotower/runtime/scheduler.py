@@ -252,8 +252,9 @@ class Scheduler:
         return rows * self._row_bytes(sample, capacity)
 
     def _drop_cancelled(self) -> None:
-        """Cancelled requests leave the queue (their rows' last events); call with the lock held."""
-        for ticket in [t for t in self._waiting if any(r.cancelled for r in t.waiting)]:
+        """Cancelled requests leave the queue (their rows' last events); call with the lock held. A
+        waiting row is only ever cancelled with its whole request, so the first one tells."""
+        for ticket in [t for t in self._waiting if t.waiting[0].cancelled]:
             self._waiting.remove(ticket)
             while ticket.waiting:
                 ticket.waiting.popleft().leave_cancelled()
