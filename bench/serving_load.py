@@ -348,7 +348,8 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="twotower_load_"))
     result = {"server": args.server, "device": f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-              "commit": git_commit(), "checkpoint": args.checkpoint or "shipped demo model"}
+              "commit": git_commit(), "checkpoint": args.checkpoint or "shipped demo model",
+              "load_average_at_start": os.getloadavg()}  # a shared machine: how busy it was
     if args.limits:
         result["limits"] = limits(args.checkpoint, tmp / "server.log")
     elif args.server == "openai":

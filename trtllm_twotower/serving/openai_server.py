@@ -109,6 +109,10 @@ class OpenAIServer:
         self.defaults = options.defaults
         self.metrics = ServingMetrics(runtime.scheduler)
         self.chat_template = runtime.tokenizer is not None and getattr(runtime.tokenizer, "chat_template", None)
+        # bytes between two quotes beyond which neither a text prompt (at most 6 bytes per character, as
+        # \uXXXX) nor a token-id list (at most 12 bytes per id) can fit the model: refused before parsing
+        chars, limit = runtime.max_prompt_chars, runtime.cfg.max_position_embeddings
+        self.max_run = None if chars is None else max(6 * chars, 12 * limit)
 
     # ---- small endpoints ------------------------------------------------------------------------
     async def health(self):
@@ -183,7 +187,7 @@ class OpenAIServer:
             raise ApiError("the server is shutting down and takes no new requests", None, 503)
         try:
             raw = await read_limited(request, self.options.max_request_bytes)
-            body = await asyncio.to_thread(parse_object, raw)
+            body = await asyncio.to_thread(parse_object, raw, self.max_run)
         except BodyError as err:
             raise ApiError(str(err), None, err.status) from err
         unknown = sorted(set(body) - allowed)

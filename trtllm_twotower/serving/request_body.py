@@ -38,8 +38,13 @@ async def read_limited(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def parse_object(raw: bytes) -> dict:
-    """The body as a JSON object whose strings are valid Unicode, nested at most ``MAX_DEPTH`` deep."""
+def parse_object(raw: bytes, max_run: int | None = None) -> dict:
+    """The body as a JSON object whose strings are valid Unicode, nested at most ``MAX_DEPTH`` deep.
+    ``max_run``: refuse, before parsing, a body with more bytes than that between two double quotes
+    (no useful string or token list is that long; the parser would hold the GIL over all of it)."""
+    if max_run is not None and _longest_run_exceeds(raw, max_run):
+        raise BodyError(f"request body: more than {max_run} bytes without a string boundary; no prompt that fits "
+                        "the model is that long")
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -50,6 +55,17 @@ def parse_object(raw: bytes) -> dict:
         raise BodyError("request body: expected a JSON object")
     check_values(body)
     return body
+
+
+def _longest_run_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether ``raw`` has more than ``limit`` bytes without a double quote (one ``bytes.find`` per
+    quote: a Python loop, so other threads get their turns)."""
+    start = 0
+    while (end := raw.find(b'"', start)) >= 0:
+        if end - start > limit:
+            return True
+        start = end + 1
+    return len(raw) - start > limit
 
 
 def check_values(body: dict) -> None:
