@@ -25,7 +25,9 @@ parser = pytest.importorskip("prometheus_client.parser", reason="prometheus_clie
 import numpy as np  # noqa: E402
 
 from trtllm_twotower.runtime import TwoTowerRuntime  # noqa: E402
-from trtllm_twotower.serving.triton_launcher import free_port, process_running, stub_processes  # noqa: E402
+from trtllm_twotower.serving.triton_launcher import (DEFAULT_REPOSITORY, REPO_ROOT, TritonServer,  # noqa: E402
+                                                   copy_model_repository, free_port, process_running,
+                                                   stub_processes)
 
 pytestmark = pytest.mark.triton
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,3 +197,27 @@ def test_a_killed_launcher_leaves_no_process_behind(demo_dir, tmp_path):
     started.proc.kill()  # SIGKILL: the launcher runs no cleanup at all
     started.proc.wait()
     assert started.all_gone(15), "tritonserver or its model process outlived the launcher"
+
+
+def test_a_full_queue_answers_server_busy(demo_dir, tmp_path):
+    """HTTP generate answers the model's errors with 400 whatever their code (UNAVAILABLE here)."""
+    repo = copy_model_repository(DEFAULT_REPOSITORY, tmp_path / "repo", {
+        "checkpoint_dir": str(demo_dir), "dtype": "float32", "project_root": str(REPO_ROOT), "max_batch": "1",
+        "max_queued_requests": "1"})
+    with TritonServer(repo, log_file=tmp_path / "server.log", drain_seconds=0) as server:
+        def post(body: dict):
+            conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=120)
+            conn.request("POST", "/v2/models/twotower/generate", json.dumps(body), {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            return response.status, response.read().decode()
+
+        long = threading.Thread(target=post, args=({"input_ids": [5, 6], "max_tokens": 4000},))
+        long.start()  # holds the one row of the batch
+        time.sleep(2)
+        waiting = threading.Thread(target=post, args=({"input_ids": [7], "max_tokens": 2},))
+        waiting.start()  # waits in the queue
+        time.sleep(1)
+        status, text = post({"input_ids": [8], "max_tokens": 2})
+        assert status == 400 and "server busy: 1 requests are waiting" in text, (status, text)
+    long.join(timeout=30)
+    waiting.join(timeout=30)

@@ -45,8 +45,8 @@ def _send(sender, response=None, flags: int = 0) -> None:
 
 
 def _error(sender, message: str, code: str = "INVALID_ARG") -> None:
-    """One final error response; ``code`` names a ``pb_utils.TritonError`` code (HTTP: INVALID_ARG
-    400, UNAVAILABLE 503, INTERNAL 500)."""
+    """One final error response; ``code`` names a ``pb_utils.TritonError`` code (clients see it; HTTP
+    ``generate`` answers 400 whatever the code)."""
     error = pb_utils.TritonError(f"twotower: {message}", getattr(pb_utils.TritonError, code))
     _send(sender, pb_utils.InferenceResponse(error=error), FINAL)
 
