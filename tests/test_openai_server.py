@@ -4,6 +4,7 @@ and by raw concurrent streams (the in-flight batching load tests). CPU, demo che
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ pytest.importorskip("fastapi", reason="fastapi/uvicorn not installed (pip instal
 
 from trtllm_twotower.demo import write_demo_checkpoint  # noqa: E402
 from trtllm_twotower.runtime import TwoTowerRuntime  # noqa: E402
-from trtllm_twotower.serve import free_port  # noqa: E402
+from trtllm_twotower.serving.triton_launcher import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
@@ -38,7 +39,7 @@ def checkpoint(tmp_path_factory):
 def server(checkpoint, tmp_path_factory):
     port = free_port()
     log = open(tmp_path_factory.mktemp("oai_log") / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "trtllm_twotower.openai_server", "--checkpoint", str(checkpoint),
+    proc = subprocess.Popen([sys.executable, "-m", "trtllm_twotower.serving.openai_server", "--checkpoint", str(checkpoint),
                              "--dtype", "float32", "--port", str(port), "--served-model-name", "twotower-demo",
                              "--default-temperature", "0"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -124,8 +125,31 @@ def test_chat_completion_uses_the_template(client, runtime):
     assert reply.choices[0].message.role == "assistant"
 
 
+@pytest.mark.parametrize("mode", ["diffusion", "speculative", "ar", "mock-ar"])
+def test_stop_strings_end_a_row_at_the_first_match(client, runtime, mode):
+    """The stop string is taken from the row's own unstopped text at a random place; the reply
+    ends before it (text) and at the token that completed it (ids), streamed or not."""
+    full = alone(runtime, "Stop here", max_new_tokens=40, mode=mode)
+    text, ids = full.text[0], full.output_ids[0]
+    at = random.randrange(1, len(text) - 4)
+    stop = text[at: at + 3]
+    cut = text.find(stop)
+    kw = dict(model="twotower-demo", prompt="Stop here", max_tokens=40, stop=[stop, "\x00never"],
+              extra_body={**KNOBS, "mode": mode})
+    reply = client.completions.create(**kw)
+    choice = reply.choices[0]
+    assert choice.text == text[:cut] and choice.finish_reason == "stop"
+    kept = len(choice.token_ids)
+    assert choice.token_ids == ids[:kept] and stop in runtime.tokenizer.decode(ids[:kept])
+    assert stop not in runtime.tokenizer.decode(ids[: kept - 1])  # the first token that completes it
+    chunks = list(client.completions.create(**kw, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text[:cut]
+    assert sum((c.choices[0].token_ids for c in chunks if c.choices), []) == ids[:kept]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(prompt="x", stop=["\n"]), "stop: not supported"),
+    (dict(prompt="x", stop=["a", "b", "c", "d", "e"]), "stop: expected a string or a list of 1 to 4"),
     (dict(prompt="x", logprobs=2), "logprobs: not supported"),
     (dict(prompt="x", temperature=-1), "temperature"),
     (dict(prompt="x", extra_body={"block_size": 1000}), "block_size: must be <= 64"),

@@ -26,7 +26,7 @@ pytest.importorskip("fastapi", reason="fastapi/uvicorn not installed (pip instal
 from trtllm_twotower.config import config_from_dict  # noqa: E402
 from trtllm_twotower.demo import DEMO_CONFIG, TRAINED_DEMO_DIR, demo_tensors, write_checkpoint  # noqa: E402
 from trtllm_twotower.runtime import TwoTowerRuntime  # noqa: E402
-from trtllm_twotower.serve import free_port  # noqa: E402
+from trtllm_twotower.serving.triton_launcher import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -37,7 +37,7 @@ TIMEOUT_MS = 60_000
 def start_server(checkpoint: Path | None, log_path: Path):
     port = free_port()
     log = open(log_path, "w")
-    command = [sys.executable, "-m", "trtllm_twotower.openai_server", "--dtype", "float32", "--port", str(port),
+    command = [sys.executable, "-m", "trtllm_twotower.serving.openai_server", "--dtype", "float32", "--port", str(port),
                "--default-temperature", "0"]
     if checkpoint is not None:
         command += ["--checkpoint", str(checkpoint)]

@@ -25,7 +25,7 @@ from trtllm_twotower.runtime import TwoTowerRuntime
 from trtllm_twotower.runtime.executor import TorchExecutor
 from trtllm_twotower.runtime.prefix_cache import PAGE_TOKENS, PrefixCache
 from trtllm_twotower.runtime.scheduler import Scheduler
-from trtllm_twotower.serve import free_port
+from trtllm_twotower.serving.triton_launcher import free_port
 from trtllm_twotower.training.corpus import read_corpus
 from conftest import load_towers
 
@@ -265,7 +265,7 @@ def test_openai_server_reports_cached_tokens_and_cache_state(demo_dir, tmp_path)
     pytest.importorskip("fastapi", reason="fastapi/uvicorn not installed (pip install '.[serve]')")
     port = free_port()
     with open(tmp_path / "server.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "trtllm_twotower.openai_server", "--checkpoint", str(demo_dir),
+        proc = subprocess.Popen([sys.executable, "-m", "trtllm_twotower.serving.openai_server", "--checkpoint", str(demo_dir),
                                  "--dtype", "float32", "--port", str(port), "--prefix-cache-bytes", str(1 << 26)],
                                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         try:

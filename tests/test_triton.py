@@ -20,7 +20,7 @@ grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc]
 import numpy as np  # noqa: E402
 
 from trtllm_twotower.runtime import TwoTowerRuntime  # noqa: E402
-from trtllm_twotower.serve import DEFAULT_REPOSITORY, REPO_ROOT, TritonServer, copy_model_repository  # noqa: E402
+from trtllm_twotower.serving.triton_launcher import DEFAULT_REPOSITORY, REPO_ROOT, TritonServer, copy_model_repository  # noqa: E402
 
 pytestmark = pytest.mark.triton
 MODEL = "twotower"

@@ -1,5 +1,5 @@
 """A Triton model's backend process killed mid-stream: its clients get an error at once, readiness
-fails, and the supervisor restarts the server by itself (trtllm_twotower.serve.Supervisor)."""
+fails, and the supervisor restarts the server by itself (trtllm_twotower.serving.triton_launcher.Supervisor)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import pytest
 
 pytest.importorskip("pytriton", reason="nvidia-pytriton not installed (pip install '.[triton]')")
 
-from trtllm_twotower.serve import (DEFAULT_REPOSITORY, REPO_ROOT, Supervisor, TritonServer,  # noqa: E402
-                                   copy_model_repository, ready)
+from trtllm_twotower.serving.triton_launcher import (DEFAULT_REPOSITORY, REPO_ROOT, Supervisor,  # noqa: E402
+                                                   TritonServer, copy_model_repository, process_running, ready)
 
 pytestmark = pytest.mark.triton
 
@@ -78,3 +78,25 @@ def test_killed_backend_is_reported_and_restarted(demo_dir, tmp_path):
     finally:
         supervisor.stop()
     assert server.process.poll() is not None
+
+
+def test_a_crashed_server_leaves_no_model_process_behind(demo_dir, tmp_path):
+    """tritonserver itself dies (as Triton's JSON parser made it do on a deeply nested body): the
+    supervisor kills what is left of its process group before restarting, so the old model process
+    is not orphaned."""
+    repo = copy_model_repository(DEFAULT_REPOSITORY, tmp_path / "repo", {
+        "checkpoint_dir": str(demo_dir), "dtype": "float32", "project_root": str(REPO_ROOT)})
+    server = TritonServer(repo, log_file=tmp_path / "server.log")
+    supervisor = Supervisor(server).start()
+    try:
+        stubs = set(server.stubs)
+        assert stubs, "no python-backend stub process found"
+        os.kill(server.pid, signal.SIGKILL)  # the server alone, not its group
+        deadline = time.monotonic() + 120
+        while supervisor.restarts == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert supervisor.restarts == 1
+        assert not any(process_running(pid) for pid in stubs), "the crashed server's model process is still running"
+    finally:
+        supervisor.stop()
+    assert not any(process_running(pid) for pid in server.stubs)

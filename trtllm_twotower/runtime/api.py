@@ -6,6 +6,7 @@ and executors trust their inputs.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from .lanes import MODES, Row, StepEvent
 from .scheduler import Scheduler, Ticket
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 4, 256  # OpenAI's count; a bound on the text searched per token
+MAX_STEPS_PER_BLOCK = 1024  # denoiser steps one block may take (more is a typo, or an attempt to hold the batch)
 
 
 @dataclass(frozen=True)
@@ -36,13 +39,17 @@ class BlockEvent:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    output_ids: list[list[int]]  # new tokens per prompt (up to and including EOS, at most max_new_tokens)
-    text: list[str] | None  # their decoded text, special tokens skipped (None without a tokenizer)
+    output_ids: list[list[int]]  # new tokens per prompt (up to and including EOS or the token completing a stop
+    # string, at most max_new_tokens)
+    text: list[str] | None  # their decoded text, special tokens skipped, cut before a stop string (None without
+    # a tokenizer)
     nfe: int  # forwards that produced tokens, max over rows (see ``lanes.RowOutput.steps``)
     nfe_per_row: list[int]
     tokens_per_step: float  # generated tokens / forwards, over all rows
     seconds: float
     stats: dict = field(default_factory=dict)  # forwards of both towers; speculative acceptance
+    finish_reasons: list[str] = field(default_factory=list)  # per row: "stop" (EOS or a stop string), "length",
+    # "cancelled"
 
 
 def default_devices() -> tuple[str, str]:
@@ -79,29 +86,70 @@ class PreparedRequest:
     prompt_ids: list[list[int]]
     settings: sampler.SamplerSettings
     seeds: list[int]
+    stop: tuple[str, ...] = ()  # a row ends at the first of these in its text
 
 
 class _TextStream:
     """Per-row incremental decoding: deltas whose concatenation is the final text. A trailing
-    partial UTF-8 character (decoded as U+FFFD) is held back until its bytes arrive."""
+    partial UTF-8 character (decoded as U+FFFD) is held back until its bytes arrive. With stop
+    strings, a row's text ends before the first match, found as its tokens arrive (``stopped`` maps
+    the row to the number of tokens that completed it), and a tail that may begin one is held back."""
 
-    def __init__(self, tokenizer, rows: int):
+    def __init__(self, tokenizer, rows: int, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
         self.tokens: list[list[int]] = [[] for _ in range(rows)]
         self.sent = [""] * rows
+        self.stop = stop
+        self.stopped: dict[int, int] = {}
 
     def push(self, row: int, token_ids: list[int], final: bool) -> str | None:
         if self.tokenizer is None:
             return None
+        if row in self.stopped:  # its text is complete
+            return ""
+        before = len(self.tokens[row])
         self.tokens[row].extend(token_ids)
         text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True)
-        if not final:
+        cut = self._first_stop(row, text, before) if self.stop else None
+        if cut is not None:
+            text = text[:cut]
+        elif not final:
             text = text.rstrip("\ufffd")
+            text = text[: len(text) - self._stop_prefix(text)]
         if not text.startswith(self.sent[row]):  # a held-back character resolved differently
             text = self.sent[row] + text[len(self.sent[row]):]
         delta = text[len(self.sent[row]):]
         self.sent[row] = text
         return delta
+
+    def _stop_prefix(self, text: str) -> int:
+        """Characters at the end of ``text`` that may begin a stop string: held back until the
+        next tokens tell (text sent cannot be taken back)."""
+        return max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+
+    def _first_stop(self, row: int, text: str, before: int) -> int | None:
+        """Where the first stop string starts in ``text`` (None: nowhere); records the tokens that
+        completed it. Only text that can hold a new match is searched."""
+        start = max(0, len(self.sent[row]) - max(map(len, self.stop)) + 1)
+        found = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        if not found:
+            return None
+        cut = min(found)
+        tokens = self.tokens[row]
+        for kept in range(before + 1, len(tokens) + 1):  # the first token at which a match is complete
+            prefix = self.tokenizer.decode(tokens[:kept], skip_special_tokens=True)
+            if any(prefix.find(s, start) >= 0 for s in self.stop):
+                break
+        self.stopped[row] = kept
+        return cut
+
+
+class TextTicket(Ticket):
+    """A ticket of the Python API: it also carries its request's stop strings."""
+
+    def __init__(self, on_done: Callable[[Ticket], None] | None, stop: tuple[str, ...]):
+        super().__init__(None, on_done)
+        self.stop = stop
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -179,6 +227,15 @@ class TwoTowerRuntime:
                    max_batch=max_batch, memory_budget=memory_budget, prefix_cache_bytes=prefix_cache_bytes)
 
     # ---- generation -------------------------------------------------------------------------
+    @functools.cached_property
+    def max_prompt_chars(self) -> int | None:
+        """Characters beyond which a text prompt cannot fit the model's context whatever it
+        tokenizes to (the limit times the longest token's text), so it is refused before tokenizing."""
+        if self.tokenizer is None:
+            return None
+        longest = max(map(len, self.tokenizer.get_vocab()))
+        return self.cfg.max_position_embeddings * longest
+
     def _prompt_ids(self, prompts) -> list[list[int]]:
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -190,6 +247,9 @@ class TwoTowerRuntime:
                 if self.tokenizer is None:
                     raise ValueError(f"prompts[{i}]: text needs a tokenizer and {self.checkpoint_dir} has none; "
                                      "pass token ids")
+                if len(p) > self.max_prompt_chars:
+                    raise ValueError(f"prompts[{i}]: {len(p)} characters, more than any prompt that fits the model's "
+                                     f"limit of {self.cfg.max_position_embeddings} tokens can have")
                 tokens = self.tokenizer.encode(p)
             elif isinstance(p, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
                 tokens = list(p)
@@ -206,8 +266,10 @@ class TwoTowerRuntime:
     def prepare(self, prompts, max_new_tokens: int = 64, mode: str = "diffusion", block_size: int = 16,
                 steps_per_block: int = 16, confidence_threshold: float = 0.8, temperature: float = 0.0,
                 top_k: int = 0, top_p: float = 1.0, seed: int | Sequence[int] = 0,
-                eos_token_id: int | None = -1, mask_token_id: int | None = None) -> "PreparedRequest":
+                eos_token_id: int | None = -1, mask_token_id: int | None = None,
+                stop: str | Sequence[str] | None = None) -> "PreparedRequest":
         """Validate and tokenize; raises ValueError naming the bad parameter. See ``generate``."""
+        stop = self._stop_strings(stop)
         prompt_ids = self._prompt_ids(prompts)
         eos = self.cfg.eos_token_id if eos_token_id == -1 else eos_token_id
         mask = self.cfg.mask_token_id if mask_token_id is None else mask_token_id
@@ -218,28 +280,49 @@ class TwoTowerRuntime:
         if (not isinstance(seeds, Sequence) or len(seeds) != len(prompt_ids)
                 or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2 ** 63 for s in seeds)):
             raise ValueError(f"seed: expected an int in [0, 2^63) or one per prompt ({len(prompt_ids)}), got {seed!r}")
-        return PreparedRequest(mode, prompt_ids, settings, list(seeds))
+        return PreparedRequest(mode, prompt_ids, settings, list(seeds), stop)
+
+    def _stop_strings(self, stop) -> tuple[str, ...]:
+        if stop is None:
+            return ()
+        stop = [stop] if isinstance(stop, str) else stop
+        if (not isinstance(stop, Sequence) or not 1 <= len(stop) <= MAX_STOP_STRINGS
+                or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop)):
+            raise ValueError(f"stop: expected a string or a list of 1 to {MAX_STOP_STRINGS} non-empty strings of at "
+                             f"most {MAX_STOP_CHARS} characters, got {stop!r:.200}")
+        if self.tokenizer is None:
+            raise ValueError(f"stop: stop strings need a tokenizer and {self.checkpoint_dir} has none")
+        return tuple(stop)
 
     def submit(self, request: "PreparedRequest", on_block: Callable[[BlockEvent], None] | None = None,
                on_done: Callable[[Ticket], None] | None = None,
                on_step: Callable[[StepEvent], None] | None = None) -> Ticket:
         """Queue a prepared request on the scheduler; returns its ticket (``done``, ``cancel()``,
         ``result(ticket)``). ``on_block``, ``on_step`` and ``on_done`` run on the scheduler's thread."""
-        stream = _TextStream(self.tokenizer, len(request.prompt_ids))
-        on_event = None
-        if on_block is not None:
+        stream = _TextStream(self.tokenizer, len(request.prompt_ids), request.stop)
+        ticket = TextTicket(on_done, request.stop)
+        if on_block is not None or request.stop:
             def on_event(row: int, tokens: list[int], finished: bool) -> None:
-                on_block(BlockEvent(row, tokens, stream.push(row, tokens, finished), finished))
+                before = len(stream.tokens[row])
+                text = stream.push(row, tokens, finished)
+                if row in stream.stopped and row not in ticket.stopped:  # this event completed a stop string
+                    ticket.stop_row(row, stream.stopped[row])
+                    tokens = tokens[: stream.stopped[row] - before]
+                elif row in ticket.stopped:
+                    tokens = []
+                if on_block is not None:
+                    on_block(BlockEvent(row, tokens, text, finished or row in ticket.stopped))
 
-        return self.scheduler.submit(request.mode, request.prompt_ids, request.settings, request.seeds, on_event,
-                                     on_done, on_step)
+            ticket.on_event = on_event
+        return self.scheduler.submit(request.mode, request.prompt_ids, request.settings, request.seeds,
+                                     on_step=on_step, ticket=ticket)
 
     def result(self, ticket: Ticket) -> GenerationResult:
         """The finished ticket's outputs (raises the error of a failed one)."""
         if ticket.error is not None:
             raise ticket.error
         outs = [r.out for r in ticket.rows]
-        tokens = [o.tokens for o in outs]
+        tokens = [o.tokens[: ticket.stopped.get(i, len(o.tokens))] for i, o in enumerate(outs)]
         steps = [o.steps for o in outs]
         generated = sum(map(len, tokens))
         den, ctx = sum(o.denoiser_forwards for o in outs), sum(o.context_forwards for o in outs)
@@ -253,9 +336,15 @@ class TwoTowerRuntime:
             stats.update(blocks=len(blocks), accepted_per_block=sum(blocks) / len(blocks),
                          tokens_per_block=generated / len(blocks),
                          acceptance_by_position=[h / t if t else None for h, t in zip(hits, tries)])
+        eos = [r.settings.eos_token_id for r in ticket.rows]
+        reasons = ["stop" if i in ticket.stopped or (t and t[-1] == eos[i]) else
+                   "cancelled" if outs[i].cancelled else "length" for i, t in enumerate(tokens)]
+        text = None if self.tokenizer is None else [self.tokenizer.decode(t, skip_special_tokens=True)
+                                                    for t in tokens]
+        for i in ticket.stopped:  # only a TextTicket stops rows
+            text[i] = text[i][: min(j for j in (text[i].find(s) for s in ticket.stop) if j >= 0)]
         return GenerationResult(
-            output_ids=tokens,
-            text=None if self.tokenizer is None else [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens],
+            output_ids=tokens, text=text, finish_reasons=reasons,
             nfe=max(steps), nfe_per_row=steps, tokens_per_step=generated / max(1, sum(steps)),
             seconds=(ticket.finished or time.perf_counter()) - ticket.submitted, stats=stats)
 
@@ -271,7 +360,8 @@ class TwoTowerRuntime:
                  top_k: int = 0, top_p: float = 1.0, seed: int | Sequence[int] = 0,
                  eos_token_id: int | None = -1, mask_token_id: int | None = None,
                  on_block: Callable[[BlockEvent], None] | None = None,
-                 on_step: Callable[[StepEvent], None] | None = None) -> GenerationResult:
+                 on_step: Callable[[StepEvent], None] | None = None,
+                 stop: str | Sequence[str] | None = None) -> GenerationResult:
         """Generate for one prompt or a batch. ``eos_token_id=-1`` (default) takes the checkpoint's;
         None never stops early. ``seed``: one for every row, or one per row (each row has its own
         generator, so a row's tokens do not depend on the rest of the batch). ``on_block`` receives
@@ -279,9 +369,11 @@ class TwoTowerRuntime:
         ``StepEvent`` per forward and row: each denoiser step's commits (positions, tokens,
         confidences), each block as it joins the output (speculative: drafts accepted, the
         corrected token), each AR / mock-AR token. Without it nothing extra is read back from the
-        device; with it a step reads its commits back (a few small reads per step)."""
+        device; with it a step reads its commits back (a few small reads per step). ``stop``: a row
+        ends at the first of these strings in its text (checked as its tokens are committed, in
+        every mode); its text stops before it, its ids at the token that completed it."""
         request = self.prepare(prompts, max_new_tokens, mode, block_size, steps_per_block, confidence_threshold,
-                               temperature, top_k, top_p, seed, eos_token_id, mask_token_id)
+                               temperature, top_k, top_p, seed, eos_token_id, mask_token_id, stop)
         return self.run(request, on_block, on_step)
 
     def _validate(self, mode: str, s: sampler.SamplerSettings, prompt_ids: list[list[int]]) -> None:
@@ -300,6 +392,8 @@ class TwoTowerRuntime:
         for name in ("max_new_tokens", "block_size", "steps_per_block"):
             if ints[name] < 1:
                 raise ValueError(f"{name}: must be >= 1, got {ints[name]}")
+        if s.steps_per_block > MAX_STEPS_PER_BLOCK:
+            raise ValueError(f"steps_per_block: must be <= {MAX_STEPS_PER_BLOCK}, got {s.steps_per_block}")
         if mode == "speculative" and s.block_size < 2:
             raise ValueError(f"block_size: speculative mode drafts at least one token after the known one; "
                              f"must be >= 2, got {s.block_size}")

@@ -33,10 +33,12 @@ STATIC = Path(__file__).with_name("playground")
 NOT_FIELDS = {"stream", "stream_options"}  # the events endpoint always streams
 
 
-def add_playground(app, runtime, body_of, prepare, fields: set) -> None:
+def add_playground(app, server, fields: set) -> None:
     """Register ``GET /`` (the page), its files under ``/playground/`` and ``POST
-    /v1/playground/events``. ``body_of(request, allowed)`` and ``prepare(body, prompts)`` are the
-    completions endpoint's validation (OpenAI-style errors); ``fields`` the completions fields."""
+    /v1/playground/events`` on the OpenAI server's app. The events endpoint takes the completions
+    endpoint's key check, validation and admission (``server.authorize`` / ``body`` / ``prepare`` /
+    ``admitting``: OpenAI-style errors); ``fields`` are the completions fields."""
+    runtime = server.runtime
     tokenizer = runtime.tokenizer
 
     @lru_cache(maxsize=None)
@@ -59,9 +61,11 @@ def add_playground(app, runtime, body_of, prepare, fields: set) -> None:
 
     @app.post("/v1/playground/events")
     async def events(request: Request):
-        body = await body_of(request, fields - NOT_FIELDS)
-        prepared = prepare(body, [body.get("prompt")])  # one prompt; the runtime names a bad one
-        relay = _StepRelay(runtime, prepared)
+        server.authorize(request)
+        body = await server.body(request, fields - NOT_FIELDS)
+        prepared = server.prepare(body, [body.get("prompt")])  # one prompt; the runtime names a bad one
+        with server.admitting():
+            relay = _StepRelay(runtime, prepared)
         s = prepared.settings
         start = {"type": "start", "mode": prepared.mode, "block_size": s.block_size,
                  "steps_per_block": s.steps_per_block, "max_new_tokens": s.max_new_tokens,

@@ -4,13 +4,22 @@ Decoupled. Each request is validated on its own (a bad request gets one error re
 others are unaffected) and submitted to the runtime's scheduler, which runs in a background thread:
 new requests join the running batch at the next denoiser step (each starting its first block at
 its own boundary), finished or cancelled ones leave at once (``trtllm_twotower.runtime.scheduler``). Responses are sent from the scheduler's thread.
+
+In front of users: admission is fair between requests (round robin, ``reserved_rows`` of the batch
+never held by one request), at most ``max_queued_requests`` wait (then an UNAVAILABLE error: "server
+busy"); the launcher's drain file (``TWOTOWER_DRAIN_FILE``) starts the drain: new requests are
+refused, running ones end with an error after ``TWOTOWER_DRAIN_SECONDS``; the process exits when its
+server is gone (never an orphan). Model-level figures go to Triton's metrics port (custom metrics).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +29,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 INT64_MAX = 2**63 - 1
 
 # The runtime's names for the inputs that tensorrtllm_backend clients call otherwise.
-_INPUT_NAMES = {"max_new_tokens": "max_tokens", "seed": "random_seed", "prompts[0]": "text_input"}
+_INPUT_NAMES = {"max_new_tokens": "max_tokens", "seed": "random_seed"}
 
 
 class RequestError(ValueError):
@@ -35,14 +44,67 @@ def _send(sender, response=None, flags: int = 0) -> None:
         pb_utils.Logger.log_warn(f"twotower: could not send a response ({err})")
 
 
-def _error(sender, message: str) -> None:
-    _send(sender, pb_utils.InferenceResponse(error=pb_utils.TritonError(f"twotower: {message}")), FINAL)
+def _error(sender, message: str, code: str = "INVALID_ARG") -> None:
+    """One final error response; ``code`` names a ``pb_utils.TritonError`` code (clients see it; HTTP
+    ``generate`` answers 400 whatever the code)."""
+    error = pb_utils.TritonError(f"twotower: {message}", getattr(pb_utils.TritonError, code))
+    _send(sender, pb_utils.InferenceResponse(error=error), FINAL)
+
+
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+TOKENS_PER_STEP_BUCKETS = [1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0, 64.0]
+
+
+class ModelMetrics:
+    """The model's figures on Triton's metrics port (python-backend custom metrics), named as the
+    OpenAI server's ``/metrics`` names them with ``twotower_model_`` in front."""
+
+    OUTCOMES = ("ok", "cancelled", "bad_request", "rejected", "unavailable", "error")
+
+    def __init__(self):
+        self.families = []  # a Metric lives only as long as its MetricFamily: keep them all
+
+        def metric(name: str, text: str, kind: str, labels: dict | None = None, **kw):
+            family = pb_utils.MetricFamily(f"twotower_model_{name}", text, getattr(pb_utils.MetricFamily, kind))
+            self.families.append(family)
+            return family.Metric(labels=labels or {}, **kw)
+
+        requests = pb_utils.MetricFamily("twotower_model_requests_total", "Requests by outcome",
+                                         pb_utils.MetricFamily.COUNTER)
+        self.families.append(requests)
+        self.requests = {o: requests.Metric(labels={"outcome": o}) for o in self.OUTCOMES}
+        self.prompt_tokens = metric("prompt_tokens_total", "Prompt tokens prefilled", "COUNTER")
+        self.generated_tokens = metric("generated_tokens_total", "Tokens generated", "COUNTER")
+        self.spec_blocks = metric("speculative_blocks_total", "Speculative blocks verified", "COUNTER")
+        self.spec_accepted = metric("speculative_accepted_drafts_total", "Drafted tokens accepted", "COUNTER")
+        self.running = metric("rows_running", "Rows in the running batch", "GAUGE")
+        self.waiting = metric("rows_waiting", "Rows waiting for admission", "GAUGE")
+        self.first_block = metric("time_to_first_block_seconds", "Submission to first tokens", "HISTOGRAM",
+                                  buckets=LATENCY_BUCKETS)
+        self.tokens_per_step = metric("tokens_per_step", "Generated tokens per forward, per request", "HISTOGRAM",
+                                      buckets=TOKENS_PER_STEP_BUCKETS)
+
+    def rows(self, scheduler) -> None:
+        self.running.set(scheduler.running)
+        self.waiting.set(scheduler.waiting)
+
+    def finished(self, ticket, result) -> None:
+        self.requests["cancelled" if ticket.cancelled else "ok"].increment(1)
+        self.prompt_tokens.increment(sum(len(r.prompt) for r in ticket.rows))
+        self.generated_tokens.increment(sum(map(len, result.output_ids)))
+        if ticket.first_tokens is not None:
+            self.first_block.observe(ticket.first_tokens - ticket.submitted)
+        self.tokens_per_step.observe(result.tokens_per_step)
+        accepted = [a for r in ticket.rows for a in r.out.accepted]
+        if accepted:
+            self.spec_blocks.increment(len(accepted))
+            self.spec_accepted.increment(sum(accepted))
 
 
 class TritonPythonModel:
     """I/O contract (also in config.pbtxt):
 
-    inputs  text_input STRING [1,1] or input_ids INT32 [1,-1] (exactly one); optional, each [1,1]:
+    inputs  text_input STRING [1,1] or input_ids INT64 [1,-1] (exactly one); optional, each [1,1]:
             max_tokens INT64, stream BOOL, temperature FP32, top_k INT64, top_p FP32, random_seed UINT64,
             mode STRING (diffusion | speculative | mock-ar | ar), block_size INT64, steps_per_block INT64,
             confidence_threshold FP32. Defaults come from the model's parameters. Unknown request
@@ -68,6 +130,7 @@ class TritonPythonModel:
 
         try:
             limits = {k: int(params[k]) for k in ("max_batch", "memory_budget", "prefix_cache_bytes") if params.get(k)}
+            max_queued = int(params.get("max_queued_requests") or 1024)
             self.defaults = {
                 "max_tokens": int(params.get("max_tokens", 64)), "mode": params.get("mode", "diffusion"),
                 "block_size": int(params.get("block_size", 16)), "steps_per_block": int(params.get("steps_per_block", 16)),
@@ -85,7 +148,34 @@ class TritonPythonModel:
                              block_size=self.defaults["block_size"], steps_per_block=self.defaults["steps_per_block"],
                              confidence_threshold=self.defaults["confidence_threshold"])
         self.inputs = {i["name"] for i in self.model_config["input"]}
-        self.runtime.scheduler.start()
+        scheduler = self.runtime.scheduler
+        scheduler.max_queued_requests = max_queued
+        scheduler.reserved_rows = max(1, scheduler.max_batch // 8)  # a newcomer starts beside a wide request
+        self.metrics = ModelMetrics()
+        scheduler.start()
+        self._finalizing = threading.Event()
+        threading.Thread(target=self._watch, name="twotower-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        """Exit when the server is gone (a crashed or killed tritonserver must not leave this process
+        behind); drain when the launcher's drain file appears; refresh the row gauges."""
+        from trtllm_twotower.runtime.scheduler import ClosedError
+
+        server, scheduler = os.getppid(), self.runtime.scheduler
+        drain_file = os.environ.get("TWOTOWER_DRAIN_FILE")
+        drain_seconds = float(os.environ.get("TWOTOWER_DRAIN_SECONDS", "30"))
+        deadline = None
+        while not self._finalizing.wait(0.1):
+            if os.getppid() != server:
+                os._exit(0)
+            self.metrics.rows(scheduler)  # the gauges, ten times a second
+            if deadline is None and drain_file and os.path.exists(drain_file):
+                scheduler.close()
+                deadline = time.monotonic() + drain_seconds
+            if deadline is not None and time.monotonic() > deadline and (scheduler.running or scheduler.waiting):
+                scheduler.abort(ClosedError(f"the server shut down: generation ended after the {drain_seconds:g} s "
+                                            "drain timeout"))
+                deadline = math.inf
 
     # ---- requests -------------------------------------------------------------------------------
     def execute(self, requests):
@@ -94,12 +184,17 @@ class TritonPythonModel:
             try:
                 prepared, stream = self._parse(request)
             except ValueError as err:  # RequestError, or the runtime's own parameter check
-                _error(sender, _client_names(str(err)))
+                self.metrics.requests["bad_request"].increment(1)
+                sent_ids = pb_utils.get_input_tensor_by_name(request, "input_ids") is not None
+                prompt_input = "input_ids" if sent_ids else "text_input"
+                _error(sender, _client_names(str(err), prompt_input))
                 continue
             self._submit(prepared, stream, sender)
         return None
 
     def _submit(self, prepared, stream: bool, sender) -> None:
+        from trtllm_twotower.runtime.scheduler import ClosedError, QueueFullError
+
         tokenizer = self.runtime.tokenizer
         state = {"ticket": None}
 
@@ -112,12 +207,16 @@ class TritonPythonModel:
 
         def on_done(ticket):
             if ticket.error is not None:
-                _error(sender, f"generation failed: {ticket.error}")
+                closed = isinstance(ticket.error, ClosedError)
+                self.metrics.requests["unavailable" if closed else "error"].increment(1)
+                _error(sender, f"generation failed: {ticket.error}",
+                       "UNAVAILABLE" if closed else "INTERNAL")
                 return
+            result = self.runtime.result(ticket)
+            self.metrics.finished(ticket, result)
             if ticket.cancelled:
                 _send(sender, flags=FINAL)
                 return
-            result = self.runtime.result(ticket)
             tokens = result.output_ids[0]
             text = None if result.text is None else ("" if stream else result.text[0])
             outputs = _outputs(text, [] if stream else tokens, tokenizer)
@@ -126,7 +225,17 @@ class TritonPythonModel:
                         pb_utils.Tensor("cached_tokens", np.array([[result.stats["cached_tokens"]]], dtype=np.int32))]
             _send(sender, pb_utils.InferenceResponse(outputs), FINAL)
 
-        state["ticket"] = self.runtime.submit(prepared, on_block, on_done)
+        try:
+            state["ticket"] = self.runtime.submit(prepared, on_block, on_done)
+        except (QueueFullError, ClosedError) as err:
+            self.metrics.requests["rejected" if isinstance(err, QueueFullError) else "unavailable"].increment(1)
+            _error(sender, f"server busy: {err}" if isinstance(err, QueueFullError) else str(err),
+                   "UNAVAILABLE")
+            return
+        except ValueError as err:  # CapacityError: it cannot fit even alone
+            self.metrics.requests["bad_request"].increment(1)
+            _error(sender, str(err))
+            return
 
     def _input(self, request, name: str):
         """The one value of an optional [1, 1] input, or None."""
@@ -195,6 +304,7 @@ class TritonPythonModel:
         return _utf8(text, "text_input")
 
     def finalize(self):
+        self._finalizing.set()
         self.runtime.scheduler.stop()  # in-flight and queued requests finish first
 
 
@@ -207,9 +317,9 @@ def _utf8(value, name: str) -> str:
         raise RequestError(f"{name}: not valid UTF-8 ({err.reason} at byte {err.start}: {value[err.start:err.start + 4]!r})")
 
 
-def _client_names(message: str) -> str:
+def _client_names(message: str, prompt_input: str) -> str:
     """The runtime's parameter names in errors, as the client called them."""
-    for runtime_name, input_name in _INPUT_NAMES.items():
+    for runtime_name, input_name in {**_INPUT_NAMES, "prompts[0]": prompt_input}.items():
         if message.startswith(runtime_name + ":"):
             return input_name + message[len(runtime_name):]
     return message

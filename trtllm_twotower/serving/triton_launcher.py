@@ -5,7 +5,17 @@ runs on CPU) with the environment it needs: the interpreter's own libpython firs
 LD_LIBRARY_PATH, the wheel's vendored libraries, the python-backend stub for this Python next to
 ``libtriton_python.so``, this venv's ``bin`` first on PATH, a unique shared-memory prefix.
 
-    python -m trtllm_twotower.serve --http-port 8000 --grpc-port 8001 [--checkpoint-dir DIR]
+    python -m trtllm_twotower.serving.triton_launcher --http-port 8000 --grpc-port 8001 [--checkpoint-dir DIR]
+        [--api-key KEY] [--drain-seconds 30] [--metrics-port 8002]
+
+In front of users: ``--api-key`` (or TWOTOWER_API_KEY) restricts inference, metadata, model-config,
+statistics, trace and logging to clients sending ``Authorization: Bearer KEY`` (tritonserver's
+restricted-API feature, HTTP and gRPC); the shared-memory and model-repository APIs are always
+restricted, to ``--admin-key`` (default: a random key nobody is told, i.e. closed); health stays open.
+SIGTERM drains: the model refuses new requests, running ones finish within ``--drain-seconds``, the
+rest end with an error response; then tritonserver exits. No process outlives the launcher: the
+server's whole process group is killed on every exit path, tritonserver dies with the launcher
+(PR_SET_PDEATHSIG), and the model's process exits when its server is gone.
 
 In a stock Triton container use its own ``tritonserver --model-repository triton_model_repo`` instead.
 """
@@ -13,8 +23,10 @@ In a stock Triton container use its own ``tritonserver --model-repository triton
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -28,8 +40,13 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_REPOSITORY = REPO_ROOT / "triton_model_repo"
+DRAIN_FILE_ENV = "TWOTOWER_DRAIN_FILE"  # the model starts its drain when this file appears
+# tritonserver's restricted-API groups: what an API key guards, and what only the admin key opens
+USER_APIS = ("inference", "metadata", "model-config", "statistics", "trace", "logging")
+ADMIN_APIS = ("shared-memory", "model-repository")
+KEY_CHARACTERS = re.compile(r"^[A-Za-z0-9._~+/-]{8,256}$")
 
 
 class ServeError(RuntimeError):
@@ -79,10 +96,18 @@ class TritonServer:
 
     def __init__(self, model_repository: str | Path = DEFAULT_REPOSITORY, http_port: int | None = None,
                  grpc_port: int | None = None, log_verbose: int = 0, startup_timeout: float = 180.0,
-                 log_file: str | Path | None = None):
+                 log_file: str | Path | None = None, api_key: str | None = None, admin_key: str | None = None,
+                 metrics_port: int | None = None, drain_seconds: float = 30.0):
         self.model_repository = Path(model_repository).resolve()
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        for name, key in (("api_key", api_key), ("admin_key", admin_key)):
+            if key is not None and not KEY_CHARACTERS.match(key):
+                raise ServeError(f"{name}: 8 to 256 characters of A-Z a-z 0-9 . _ ~ + / -")
+        self.api_key = api_key
+        self.admin_key = admin_key or secrets.token_urlsafe(32)  # unknown to anyone: those APIs stay closed
+        self.drain_seconds = drain_seconds
         self.log_verbose = log_verbose
         self.startup_timeout = startup_timeout
         self.log_file = Path(log_file) if log_file else None  # None: the server logs to our stdout/stderr
@@ -90,6 +115,7 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self.stubs: set[int] = set()
         self._backend_dir: Path | None = None
+        self._group: int | None = None  # the process group of the last start (outlives a crashed leader)
 
     @property
     def pid(self) -> int | None:
@@ -121,7 +147,22 @@ class TritonServer:
         env = dict(os.environ)
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (libdir, str(libs), env.get("LD_LIBRARY_PATH")) if p)
+        env[DRAIN_FILE_ENV] = str(self.drain_file)
+        env["TWOTOWER_DRAIN_SECONDS"] = str(self.drain_seconds)
         return env
+
+    @property
+    def drain_file(self) -> Path:
+        return self._backend_dir / "drain"
+
+    def restrictions(self) -> list[str]:
+        """tritonserver's restricted-API flags: the admin APIs always, the user APIs with a key."""
+        groups = [(ADMIN_APIS, self.admin_key)] + ([(USER_APIS, self.api_key)] if self.api_key else [])
+        flags = []
+        for apis, key in groups:
+            flags += [f"--http-restricted-api={','.join(apis)}:authorization=Bearer {key}",
+                      f"--grpc-restricted-protocol={','.join(apis)}:authorization=Bearer {key}"]
+        return flags
 
     def start(self) -> "TritonServer":
         env = self._environment_and_backends()
@@ -132,14 +173,18 @@ class TritonServer:
                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
                "--http-address=127.0.0.1", f"--http-port={self.http_port}",
                "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
-               "--allow-metrics=false", "--exit-timeout-secs=10", f"--log-verbose={self.log_verbose}"]
+               "--allow-metrics=true", "--allow-gpu-metrics=false", "--metrics-address=127.0.0.1",
+               f"--metrics-port={self.metrics_port}",
+               f"--exit-timeout-secs={int(self.drain_seconds) + 10}", f"--log-verbose={self.log_verbose}",
+               *self.restrictions()]
         log = open(self.log_file, "ab") if self.log_file else None
         try:
             self.process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT if log else None,
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=_die_with_parent)
         finally:
             if log is not None:
                 log.close()
+        self._group = self.process.pid
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -158,28 +203,35 @@ class TritonServer:
         """The server and every stub it started with are still running."""
         if self.process is None or self.process.poll() is not None:
             return False
-        return all(_running(pid) for pid in self.stubs)
+        return all(process_running(pid) for pid in self.stubs)
 
     def kill(self) -> None:
-        """SIGKILL the whole process group: every open connection is reset at once (its clients get
-        an error instead of waiting for a dead backend), then clean up."""
-        if self.process is not None and self.process.poll() is None:
-            _signal_group(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        """SIGKILL the whole process group, also when its leader already died (a crashed
+        tritonserver leaves its model process behind otherwise): every open connection is reset at
+        once (its clients get an error instead of waiting for a dead backend), then clean up."""
+        self._kill_group()
         self._cleanup()
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM (Triton finishes in-flight requests), then SIGKILL after ``timeout``; clean up."""
+    def stop(self) -> None:
+        """Drain: the model refuses new requests and ends what still runs after ``drain_seconds``
+        with an error; tritonserver exits once nothing is in flight. SIGKILL of the group after
+        that (or a few seconds more); clean up."""
         if self.process is not None and self.process.poll() is None:
+            self.drain_file.touch()
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=timeout)
+                self.process.wait(timeout=self.drain_seconds + 15)
             except subprocess.TimeoutExpired:
-                _signal_group(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        if self.process is not None:
-            _signal_group(self.process.pid, signal.SIGKILL)  # stubs that outlived their server
+                pass
+        self._kill_group()  # what is left, stubs that outlived their server included
         self._cleanup()
+
+    def _kill_group(self) -> None:
+        if self._group is not None:
+            _signal_group(self._group, signal.SIGKILL)
+            self._group = None
+        if self.process is not None:
+            self.process.wait()
 
     def _cleanup(self) -> None:
         if self._backend_dir is not None:
@@ -205,6 +257,8 @@ class Supervisor:
         self.interval = interval
         self.restarts = 0
         self._stop = threading.Event()
+        self._parked = threading.Event()  # the watcher has left its loop
+        self._released = threading.Event()  # the server has stopped: the watcher may end
         self._thread: threading.Thread | None = None
 
     def start(self) -> "Supervisor":
@@ -229,12 +283,20 @@ class Supervisor:
                 except ServeError as err:
                     print(f"twotower: restart failed ({err}); trying again", file=sys.stderr, flush=True)
                     time.sleep(1.0)
+        self._parked.set()
+        self._released.wait()  # a server this thread started dies with it (PR_SET_PDEATHSIG): wait for its drain
 
     def stop(self) -> None:
+        """Stop watching, then drain and stop the server."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join()
-        self.server.stop()
+            self._parked.wait()
+        try:
+            self.server.stop()
+        finally:
+            self._released.set()
+            if self._thread is not None:
+                self._thread.join()
 
 
 def ready(url: str) -> bool:
@@ -259,13 +321,19 @@ def stub_processes(server_pid: int) -> list[int]:
     return found
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
     """Alive and not a zombie."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the launcher dies, however it dies."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -285,7 +353,16 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None)
     p.add_argument("--prefix-cache-bytes", type=int, default=None, help="sets prefix_cache_bytes (0: off)")
     p.add_argument("--log-verbose", type=int, default=0)
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics on 127.0.0.1 (default 8002)")
+    p.add_argument("--drain-seconds", type=float, default=30.0,
+                   help="on SIGTERM: how long running requests may take to finish before they are ended (default 30)")
+    p.add_argument("--api-key", default=os.environ.get("TWOTOWER_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' for inference and metadata (default: $TWOTOWER_API_KEY)")
+    p.add_argument("--admin-key", default=os.environ.get("TWOTOWER_ADMIN_KEY"),
+                   help="opens the shared-memory and model-repository APIs (default: closed)")
     args = p.parse_args(argv)
+    if args.drain_seconds < 0:
+        p.error("--drain-seconds: must be >= 0")
     overrides = {"project_root": str(REPO_ROOT)}
     if args.checkpoint_dir:
         overrides["checkpoint_dir"] = str(Path(args.checkpoint_dir).resolve())
@@ -298,18 +375,24 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="twotower_repo_") as tmp:
         try:
             repo = copy_model_repository(Path(args.model_repository), Path(tmp) / "repo", overrides)
-            server = TritonServer(repo, args.http_port, args.grpc_port, args.log_verbose).start()
+            server = TritonServer(repo, args.http_port, args.grpc_port, args.log_verbose, api_key=args.api_key,
+                                  admin_key=args.admin_key, metrics_port=args.metrics_port,
+                                  drain_seconds=args.drain_seconds).start()
         except ServeError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        supervisor = Supervisor(server).start()
-        print(f"tritonserver ready: http://{server.url}  grpc {server.grpc_url}  (pid {server.pid}); restarted if "
-              "it or its model's process dies; Ctrl-C stops it", flush=True)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
-        supervisor.stop()
+        supervisor = Supervisor(server)
+        try:
+            supervisor.start()
+            print(f"tritonserver ready: http://{server.url}  grpc {server.grpc_url}  metrics "
+                  f"http://127.0.0.1:{server.metrics_port}/metrics  (pid {server.pid}); restarted if it or its "
+                  "model's process dies; SIGTERM / Ctrl-C drains and stops it", flush=True)
+            stop.wait()
+        finally:
+            supervisor.stop()
     return 0
 
 
