@@ -128,7 +128,7 @@ def test_the_event_stream_is_the_runtimes_on_step(server):
     ({"prompt": PROMPT, "block_size": 1000}, "block_size: must be <= 64"),
     ({"prompt": PROMPT, "steps_per_block": None}, "steps_per_block: expected an integer, got None"),
     ({"prompt": PROMPT, "stream": True}, "unknown field(s) 'stream'"),
-    ({"prompt": PROMPT, "stop": ["\n"]}, "stop: not supported"),
+    ({"prompt": PROMPT, "logprobs": 2}, "logprobs: not supported"),
     ({"prompt": {"text": PROMPT}}, "prompts[0]: expected a string or a list of ints"),
     ({"prompt": [5, 9999]}, "outside the vocabulary"),
 ])
