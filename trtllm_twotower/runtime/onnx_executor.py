@@ -101,3 +101,104 @@ def load_session(path: Path):
     # the model is passed as bytes: its external weights are found beside the file it came from
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def check_onnx_dir(onnx_dir: Path, cfg) -> dict:
+    """Refuse graphs exported from another config, in another dtype than float32, or missing."""
+    path = onnx_dir / "onnx_manifest.json"
+    if not path.is_file():
+        raise EngineMismatchError(f"{onnx_dir}: no onnx_manifest.json (export with build_engine.py --onnx)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("config_sha256") != config_hash(cfg.to_dict()):
+        raise EngineMismatchError(f"{onnx_dir}: the graphs were exported from another config.json than the checkpoint's")
+    if manifest.get("dtype") != "float32":
+        raise EngineMismatchError(f"{onnx_dir}: ONNX Runtime runs float32 graphs; these are {manifest.get('dtype')} "
+                                  "(export with --dtype float32)")
+    missing = [g for g, name in manifest.get("graphs", {}).items() if not (onnx_dir / name).is_file()]
+    if missing or "context" not in manifest.get("graphs", {}):
+        raise EngineMismatchError(f"{onnx_dir}: graph files missing: {', '.join(missing) or 'context'}")
+    return manifest
+
+
+class OnnxExecutor:
+    """The exported graphs under ONNX Runtime (CPU, float32), behind the executor interface."""
+
+    def __init__(self, cfg, sessions: dict):
+        self.cfg = cfg
+        self.sessions = sessions
+        self.dtype = torch.float32
+        self.context_device = self.denoiser_device = torch.device("cpu")
+        self.modes = ("diffusion", "speculative", "mock-ar", "ar") if "denoiser" in sessions else ("ar",)
+        self._names = state_names(cfg)
+        self._mamba = cfg.layers_of(MAMBA)
+
+    @classmethod
+    def from_onnx_dir(cls, onnx_dir, cfg) -> "OnnxExecutor":
+        if onnx_dir is None:
+            raise ValueError("engine_dir: required for backend='onnx' (the build_engine.py --onnx output)")
+        onnx_dir = Path(onnx_dir)
+        manifest = check_onnx_dir(onnx_dir, cfg)
+        return cls(cfg, {g: load_session(onnx_dir / name) for g, name in manifest["graphs"].items()})
+
+    def _run(self, graph: str, state: towers.TowerState, ids: torch.Tensor, timestep=None) -> dict:
+        by_kind = {"key": state.keys, "value": state.values, "conv": state.conv, "ssm": state.ssm}
+        feeds = {"input_ids": ids.to(torch.int32).numpy(), "cache_lens": state.lengths.to(torch.int32).numpy()}
+        if timestep is not None:
+            feeds["timestep"] = timestep.to(torch.float32).numpy()
+        for kind, entries in self._names.items():
+            feeds.update({name: by_kind[kind][i].contiguous().numpy() for i, name in entries})
+        session = self.sessions[graph]
+        names = [o.name for o in session.get_outputs()]
+        return {n: torch.from_numpy(a) for n, a in zip(names, session.run(names, feeds))}
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]], capacity: int):
+        """Each row alone, then one batched state (as ``TorchExecutor.prefill``)."""
+        rows, last = [], []
+        for prompt in prompts:
+            state = towers.empty_state(self.cfg, 1, capacity, self.dtype, self.context_device)
+            if prompt:
+                logits, state = self.extend(state, torch.tensor([prompt]), logits=True)
+                last.append(logits[:, -1])
+            rows.append(state)
+        logits = torch.cat(last) if len(last) == len(prompts) else None
+        return (rows[0] if len(rows) == 1 else towers.concat_states(rows, capacity)), logits
+
+    @torch.inference_mode()
+    def extend(self, state, tokens: torch.Tensor, logits: bool, trace: bool = False, in_place: bool = False):
+        """tokens [B, L] -> (fp32 logits [B, L, V] or None, new state); ``trace`` runs the traced graph,
+        whose per-position Mamba states the new state carries for ``rollback``."""
+        check_capacity(state, tokens.shape[1])
+        out = self._run("context_trace" if trace else "context", state, tokens)
+        steps = None
+        if trace:
+            steps = towers.ExtendTrace(tokens.shape[1], {i: out[f"conv_state_steps_{i}"] for i in self._mamba},
+                                       {i: out[f"ssm_state_steps_{i}"] for i in self._mamba})
+        new_state = towers.committed(
+            state, tokens.shape[1], {i: out[f"new_key_{i}"] for i in state.keys},
+            {i: out[f"new_value_{i}"] for i in state.keys}, conv={i: out[f"present_conv_state_{i}"] for i in self._mamba},
+            ssm={i: out[f"present_ssm_state_{i}"] for i in self._mamba}, trace=steps)
+        return (out["logits"] if logits else None), new_state
+
+    @torch.inference_mode()
+    def rollback(self, state, keep: torch.Tensor):
+        return towers.rollback(state, keep)
+
+    @torch.inference_mode()
+    def denoise(self, state, block: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        """block [B, L], t [B] (None: mock-AR, the untimed graph) -> fp32 logits [B, L, V]."""
+        if t is None:
+            return self._run("denoiser_untimed", state, block)["logits"]
+        return self._run("denoiser", state, block, t)["logits"]
+
+    @torch.inference_mode()
+    def select(self, state, rows: list[int]):
+        return towers.select_rows(state, rows)
+
+    @torch.inference_mode()
+    def concat(self, states: list, capacity: int):
+        return towers.concat_states(states, capacity)
+
+    @torch.inference_mode()
+    def merge(self, state, rows: list[int], sub):
+        return towers.merge_rows(state, rows, sub)

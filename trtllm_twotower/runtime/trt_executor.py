@@ -95,14 +95,8 @@ class TrtExecutor:
         check_capacity(state, tokens.shape[1])
         step = self._step_context if tokens.shape[1] <= self.block_size else None
         out = self._run(CONTEXT, self.context_device, self._feeds(state, tokens, self.context_device), step)
-        B, L = tokens.shape
-        rows = torch.arange(B, device=self.context_device)[:, None]
-        slots = state.lengths.to(self.context_device)[:, None] + torch.arange(L, device=self.context_device)  # [B, L]
-        for i in state.keys:
-            state.keys[i][rows, slots] = out[f"new_key_{i}"]
-            state.values[i][rows, slots] = out[f"new_value_{i}"]
-        new_state = towers.TowerState(
-            lengths=state.lengths + L, keys=state.keys, values=state.values,
+        new_state = towers.committed(
+            state, tokens.shape[1], {i: out[f"new_key_{i}"] for i in state.keys}, {i: out[f"new_value_{i}"] for i in state.keys},
             conv={i: out[f"present_conv_state_{i}"] for i in state.conv},
             ssm={i: out[f"present_ssm_state_{i}"] for i in state.ssm})
         return (out["last_logits"][:, None] if logits else None), new_state
