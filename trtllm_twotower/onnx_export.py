@@ -23,6 +23,7 @@ Weights are external data beside each graph (``<graph>.onnx.data``).
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -210,7 +211,9 @@ def export_graph(cfg: TwoTowerConfig, weights: dict, graph: str, path: Path, dty
     """Export one graph of ``GRAPHS`` to ``path`` (weights in ``path.data``)."""
     torch_dtype = DTYPES[dtype]
     module = TowerGraph(cfg, weights, torch_dtype, graph).eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # every dynamic dim of one name is one Dim: the exporter warns that it names them once
+        warnings.filterwarnings("ignore", message="# The axis name")
         program = torch.onnx.export(
             module, _example_inputs(cfg, graph, torch_dtype), dynamo=True, opset_version=OPSET,
             dynamic_shapes=_dynamic_shapes(cfg, graph), input_names=input_names(cfg, graph),

@@ -98,6 +98,10 @@ def load_session(path: Path):
             opset.domain = ORT_DOMAIN
     options = ort.SessionOptions()
     options.register_custom_ops_library(get_library_path())
+    # the graphs are small steps between Python ops (which run torch's own threads): ORT's spinning
+    # thread pool only competes with them
+    options.intra_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     # the model is passed as bytes: its external weights are found beside the file it came from
     options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
