@@ -227,3 +227,15 @@ def test_build_engine_onnx_writes_the_engine_commands_and_refuses_bad_input(onnx
     assert not bad.exists() and not list(tmp_path.glob(".bad.tmp-*"))  # nothing half-written
     assert build_engine.main(["--onnx", str(bad)]) == 2
     assert "--onnx OUT needs --checkpoint" in capsys.readouterr().err
+
+
+def test_run_runtime_backend_onnx(onnx_dir, runtimes, capsys):
+    import run_runtime
+
+    args = ["--backend", "onnx", "--engine-dir", str(onnx_dir), "--dtype", "float32", "--mode", "ar",
+            "--max-new-tokens", "6", "--prompt", "def f", "--json"]
+    assert run_runtime.main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["output_ids"] == runtimes[1].generate(["def f"], max_new_tokens=6, mode="ar").output_ids
+    assert run_runtime.main(["--backend", "onnx", "--engine-dir", str(onnx_dir)]) == 2  # bfloat16 by default
+    assert "float32 graphs on the CPU" in capsys.readouterr().err
