@@ -28,13 +28,22 @@ class TrtExecutor:
         self.sessions = sessions
         self.capacity = manifest["limits"]["max_seq_len"]
         self.block_size = manifest["limits"]["block_size"]
-        self.dtype = torch.bfloat16
+        self.dtype = self._state_dtype(cfg, sessions[CONTEXT].engine)  # the engines' dtype (--dtype at build)
         self.context_device = context_device
         self.denoiser_device = denoiser_device
         self._mirror = StateMirror(denoiser_device) if denoiser_device != context_device else None
         with torch.cuda.device(context_device):  # profile 1 of the context engine: steps and blocks
             self._step_context = sessions[CONTEXT].engine.create_execution_context()
             self._step_context.set_optimization_profile_async(1, torch.cuda.current_stream(context_device).cuda_stream)
+
+    @staticmethod
+    def _state_dtype(cfg, engine) -> torch.dtype:
+        """The dtype of the K/V and conv state buffers: the engine's own input dtype."""
+        from tensorrt_llm._utils import trt_dtype_to_torch
+
+        names = state_names(cfg)
+        name = next(n for kind in ("key", "conv") for _, n in names[kind])
+        return trt_dtype_to_torch(engine.get_tensor_dtype(name))
 
     @classmethod
     def from_engine_dir(cls, engine_dir, cfg, context_device, denoiser_device) -> "TrtExecutor":
