@@ -32,6 +32,11 @@ try:
     from tensorrt_llm.models.modeling_utils import PretrainedConfig, PretrainedModel
     from tensorrt_llm.module import Module, ModuleList
     from tensorrt_llm.parameter import Parameter
+    from tensorrt_llm.graph_rewriting import Layer
+
+    # build() runs optimize(network), whose passes call Layer.as_layer() on every layer; the copies of
+    # graph_rewriting.py read map no PLUGIN_V3 (NotImplementedError on our plugin layers): register it
+    Layer.TRT_LAYER_TYPE_TO_LAYER.setdefault(trt.LayerType.PLUGIN_V3, trt.IPluginV3Layer)
 except ImportError:  # the op table stays inspectable; everything else raises on use
     tensorrt_llm = None
 
