@@ -91,7 +91,7 @@ def build_engines(cfg: TwoTowerConfig, graphs: list[str], onnx_dir: Path, limits
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
         parser = trt.OnnxParser(network, logger)
         if not parser.parse_from_file(str(onnx_dir / f"{graph}.onnx")):
-            errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))  # node, code, text
             raise ValueError(f"{graph}.onnx: TensorRT's ONNX parser failed: {errors}")
         config = builder.create_builder_config()
         profile = builder.create_optimization_profile()
