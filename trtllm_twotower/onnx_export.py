@@ -106,9 +106,8 @@ class TowerGraph(torch.nn.Module):
     def forward(self, input_ids, cache_lens, *rest):
         ops = ExportOps(self.dtype)
         w = _unflatten(self, self._tree)
-        timestep = rest[0] if self.graph == "denoiser" else None
-        past = dict(zip(input_names(self.cfg, self.graph)[2 + (timestep is not None):],
-                        rest[1:] if timestep is not None else rest))
+        past = dict(zip(input_names(self.cfg, self.graph)[2:], rest))
+        timestep = past.pop("timestep", None)
         state = self._state(cache_lens, past)
         if GRAPHS[self.graph] == DENOISER:
             return towers.denoise(ops, self.cfg, w, state, input_ids, timestep)
