@@ -77,14 +77,14 @@ def test_the_graphs_hold_plugin_nodes_named_state_dynamic_dims_and_external_weig
             assert attrs["plugin_version"].s == b"1" and attrs["plugin_namespace"].s == b"twotower", node.op_type
         # no standard op stands in for a kernel: every non-custom node is a plain ONNX op
         assert all(n.domain in ("", DOMAIN) for n in model.graph.node)
-        inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+        inputs = {i.name: _dims(i) for i in model.graph.input}
         assert inputs["input_ids"] == ["batch", "tokens"] and inputs["cache_lens"] == ["batch"]
         for kind, entries in state_names(cfg).items():
             for _, state in entries:
                 assert inputs[state][0] == "batch"
                 if kind in ("key", "value"):
                     assert inputs[state][1] == "max_seq_len"
-        outputs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in model.graph.output}
+        outputs = {o.name: _dims(o) for o in model.graph.output}
         assert outputs["logits"] == ["batch", "tokens", cfg.vocab_size]
         if graph.startswith("context"):
             assert all(f"new_key_{i}" in outputs for i in cfg.layers_of("*"))
@@ -93,6 +93,11 @@ def test_the_graphs_hold_plugin_nodes_named_state_dynamic_dims_and_external_weig
         assert large and all(t.data_location == onnx.TensorProto.EXTERNAL for t in large)  # the weight matrices
         assert (onnx_dir / f"{name}.data").stat().st_size > 1_000_000
     assert op_types == {n.op_type for n in NODES.values()}  # every kernel, across the graphs
+
+
+def _dims(value) -> list:
+    """A graph input's or output's dims: names of dynamic dims, sizes of static ones."""
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
 
 
 def _random_state(cfg, batch, capacity, tokens, gen):
@@ -210,7 +215,8 @@ def test_build_engine_onnx_writes_the_engine_commands_and_refuses_bad_input(onnx
     cfg, _ = demo
     script = (onnx_dir / "trt_build.sh").read_text()
     for graph in GRAPHS:
-        trtexec = next(line for line in script.splitlines() if line.startswith(f"trtexec --onnx={onnx_dir}/{graph}.onnx"))
+        trtexec = next(line for line in script.splitlines()
+                       if line.startswith(f"trtexec --onnx={onnx_dir}/{graph}.onnx"))
         assert "--staticPlugins=" in trtexec and "--stronglyTyped" in trtexec
         assert f"--saveEngine={onnx_dir}/engines/{graph}.engine" in trtexec
         tokens = 128 if graph == "context" else 16  # prefills up to max_input_len; blocks elsewhere

@@ -114,7 +114,8 @@ def check_onnx_dir(onnx_dir: Path, cfg) -> dict:
         raise EngineMismatchError(f"{onnx_dir}: no onnx_manifest.json (export with build_engine.py --onnx)")
     manifest = json.loads(path.read_text())
     if manifest.get("config_sha256") != config_hash(cfg.to_dict()):
-        raise EngineMismatchError(f"{onnx_dir}: the graphs were exported from another config.json than the checkpoint's")
+        raise EngineMismatchError(f"{onnx_dir}: the graphs were exported from another config.json than the "
+                                  "checkpoint's")
     if manifest.get("dtype") != "float32":
         raise EngineMismatchError(f"{onnx_dir}: ONNX Runtime runs float32 graphs; these are {manifest.get('dtype')} "
                                   "(export with --dtype float32)")
@@ -180,7 +181,8 @@ class OnnxExecutor:
                                        {i: out[f"ssm_state_steps_{i}"] for i in self._mamba})
         new_state = towers.committed(
             state, tokens.shape[1], {i: out[f"new_key_{i}"] for i in state.keys},
-            {i: out[f"new_value_{i}"] for i in state.keys}, conv={i: out[f"present_conv_state_{i}"] for i in self._mamba},
+            {i: out[f"new_value_{i}"] for i in state.keys},
+            conv={i: out[f"present_conv_state_{i}"] for i in self._mamba},
             ssm={i: out[f"present_ssm_state_{i}"] for i in self._mamba}, trace=steps)
         return (out["logits"] if logits else None), new_state
 
