@@ -8,6 +8,10 @@ TensorRT-LLM 1.2 and a GPU are present, build one BF16 engine per tower.
         OUT/engines/{context,denoiser}/ + OUT/manifest.json    only with TensorRT-LLM 1.2
     python build_engine.py --plan-only --config config.json [--max-seq-len ...]   plan without weights
     python build_engine.py --inspect OUT/engines/context      Polygraphy layer / I/O listing
+    python build_engine.py --checkpoint HF_DIR --onnx OUT [--dtype float32]
+        OUT/{context,context_trace,denoiser,denoiser_untimed}.onnx (+ .onnx.data weights)
+        OUT/onnx_manifest.json, OUT/trt_build.sh (trtexec; polygraphy convert as comments)
+        OUT/engines/<graph>.engine                 only with TensorRT installed (Python API)
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from trtllm_twotower.config import ConfigError, TwoTowerConfig, load_config
 from trtllm_twotower.convert import ARCHITECTURES, DTYPES, convert_checkpoint, trtllm_params
 from trtllm_twotower.engine_io import TRTLLM_BUILD_FLAGS, BuildLimits, engine_io, memory_plan, profiles, write_manifest
 from trtllm_twotower.fsutil import Terminated, atomic_directory
+from trtllm_twotower.plugins.plugin_library import PluginLibraryError
 
 PLUGINS = {CONTEXT: ["TwoTowerBlockAttention (causal)", "TwoTowerSeededMambaScan", "TwoTowerMoeExperts"],
            DENOISER: ["TwoTowerBlockAttention (bidirectional)", "TwoTowerSeededMambaScan (state dropped)",
@@ -87,6 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inspect", metavar="ENGINE_DIR", help="list an engine's layers and I/O with Polygraphy")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-build", action="store_true", help="write the checkpoints and trtllm_build.sh, build no engine")
+    p.add_argument("--onnx", metavar="OUT", help="export both towers to ONNX in OUT (written atomically) with the "
+                   "TensorRT engine commands; builds the engines when TensorRT is installed")
     return p.parse_args(argv)
 
 
@@ -108,10 +115,14 @@ def main(argv=None) -> int:
                 Path(args.output_dir).mkdir(parents=True, exist_ok=True)
                 (Path(args.output_dir) / "build_plan.json").write_text(json.dumps(plan, indent=2))
             return 0
+        if args.onnx:
+            if not args.checkpoint or args.output_dir:
+                raise ValueError("--onnx OUT needs --checkpoint, and takes no --output-dir")
+            return build_onnx(args, limits)
         if not args.checkpoint or not args.output_dir:
-            raise ValueError("--checkpoint and --output-dir are required (or --plan-only / --inspect)")
+            raise ValueError("--checkpoint and --output-dir are required (or --plan-only / --inspect / --onnx)")
         return build(args, limits)
-    except (ValueError, ConfigError, CheckpointError, ImportError) as err:
+    except (ValueError, ConfigError, CheckpointError, ImportError, PluginLibraryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # an existing or unwritable --output-dir, a full disk
@@ -154,6 +165,33 @@ def build(args, limits: BuildLimits) -> int:
     if tensorrt_llm is None or args.no_build:
         print(f"wrote {out}/trtllm_checkpoint, {out}/build_plan.json and {out}/manifest.json; build the engines "
               f"with {out}/trtllm_build.sh (TensorRT-LLM 1.2 and a GPU):")
+        for c in commands:
+            print("  " + shlex.join(c))
+    return 0
+
+
+def build_onnx(args, limits: BuildLimits) -> int:
+    """The ONNX graphs of both towers, the engine commands and, with TensorRT, the engines."""
+    from trtllm_twotower import onnx_engines, onnx_export
+
+    out = Path(args.onnx)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"output directory {out} exists (pass --overwrite to replace it)")
+    cfg = load_config(args.checkpoint)
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        tensorrt = None
+    with atomic_directory(out) as tmp:
+        graphs = onnx_export.export_towers(args.checkpoint, tmp, args.dtype)
+        commands = onnx_engines.engine_commands(cfg, graphs, out, limits)
+        (tmp / "trt_build.sh").write_text(onnx_engines.build_script(commands, out))
+        (tmp / "trt_build.sh").chmod(0o755)
+        if tensorrt is not None and not args.no_build:
+            onnx_engines.build_engines(cfg, graphs, tmp, limits)
+    print(f"wrote {', '.join(f'{g}.onnx' for g in graphs)} and trt_build.sh to {out}")
+    if tensorrt is None or args.no_build:
+        print("TensorRT is not installed: build the engines on a GPU machine with one of (per graph):")
         for c in commands:
             print("  " + shlex.join(c))
     return 0

@@ -17,7 +17,11 @@ import sys
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="HF checkpoint dir (TwoTower or Nano); default: the demo")
-    p.add_argument("--engine-dir", default=None, help="built engines (build_engine.py output): run the TensorRT backend")
+    p.add_argument("--backend", choices=["torch", "trt", "onnx"], default=None,
+                   help="default: trt with --engine-dir, else torch; onnx runs the build_engine.py --onnx graphs "
+                        "in --engine-dir under ONNX Runtime (CPU, --dtype float32)")
+    p.add_argument("--engine-dir", default=None, help="built engines (build_engine.py output), or the exported ONNX "
+                   "graphs with --backend onnx")
     p.add_argument("--mode", choices=["diffusion", "speculative", "mock-ar", "ar"], default="diffusion")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", default=None, help="prompt text (repeat for a batch)")
@@ -60,7 +64,7 @@ def main(argv=None) -> int:
     stream = args.stream or not (args.json or args.no_stream)
     try:
         runtime = TwoTowerRuntime.from_checkpoint(
-            args.checkpoint, backend="trt" if args.engine_dir else "torch", dtype=args.dtype,
+            args.checkpoint, backend=args.backend or ("trt" if args.engine_dir else "torch"), dtype=args.dtype,
             context_device=args.context_device, denoiser_device=args.denoiser_device, engine_dir=args.engine_dir,
             prefix_cache_bytes=args.prefix_cache_bytes)
 

@@ -181,3 +181,24 @@ def test_trtllm_build_entry_file_uses_absolute_imports_only():
     with pytest.raises(ImportError, match="TensorRT-LLM 1.2 is not installed"):
         SourceFileLoader("models", str(entry)).load_module()
 
+
+
+def test_a_checkpoint_without_conv_bias_converts_with_zero_biases(tmp_path):
+    """use_conv_bias: false (the converter used to leave conv_bias out, and the TensorRT network's
+    Mamba layer reads it): every Mamba layer gets a zero bias, as the torch loader gives it."""
+    from trtllm_twotower.demo import write_demo_checkpoint
+
+    ckpt = write_demo_checkpoint(tmp_path / "nobias", seed=3, use_conv_bias=False)
+    out = convert_checkpoint(ckpt, tmp_path / "trtllm", show_progress=False)
+    for tower, directory in out.items():
+        cfg, _, weights = load_trtllm_checkpoint(directory)
+        for i in cfg.layers_of("M"):
+            assert torch.equal(weights["layers"][i]["conv_bias"], torch.zeros(cfg.conv_dim, dtype=torch.bfloat16))
+    cfg, ctx, _ = load_towers(ckpt, torch.bfloat16)
+    _, _, converted = load_trtllm_checkpoint(out["context"])
+    state = towers.empty_state(cfg, 1, 8, torch.bfloat16, "cpu")
+    ids = torch.tensor([[5, 9, 13]])
+    ops = TorchOps(torch.bfloat16)
+    ref, _ = towers.context_forward(ops, cfg, ctx, state, ids)
+    got, _ = towers.context_forward(ops, cfg, converted, towers.empty_state(cfg, 1, 8, torch.bfloat16, "cpu"), ids)
+    assert torch.equal(got, ref)

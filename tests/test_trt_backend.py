@@ -1,7 +1,8 @@
 """The engines (``pytest -m trt``): on a machine with TensorRT-LLM 1.2, a GPU and the plugin library
 built against its TensorRT, build both towers' engines from the demo checkpoint with the Python API
-and with ``trtllm-build``, run them through TrtExecutor, and compare with the torch backend.
-Skipped (with the reason) everywhere else; nothing here fakes TensorRT."""
+and with ``trtllm-build``, run them through TrtExecutor, and compare with the torch backend; and the
+ONNX route: engines built from the exported graphs (``build_engine.py --onnx``) against ONNX Runtime
+through Polygraphy. Skipped (with the reason) everywhere else; nothing here fakes TensorRT."""
 
 from __future__ import annotations
 
@@ -24,12 +25,12 @@ LIMITS = ["--max-batch-size", "4", "--max-seq-len", "256", "--max-input-len", "1
 
 @pytest.fixture(scope="module")
 def plugins():
-    from trtllm_twotower.plugins import kernels
+    from trtllm_twotower.plugins import plugin_library
 
-    if not kernels.library_path("libtwotower_plugins.so").is_file():
+    if not plugin_library.library_path().is_file():
         subprocess.run(["bash", str(ROOT / "trtllm_twotower" / "plugins" / "build.sh"), "-DTWOTOWER_BUILD_TRT_PLUGINS=ON"],
                        check=True)
-    return kernels.load_trt_plugins()
+    return plugin_library.load_trt_plugins()
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +86,51 @@ def test_engines_refuse_another_config(demo_dir, all_kinds_dir, python_api_engin
 
     with pytest.raises(ValueError, match="built for another config.json"):
         TwoTowerRuntime.from_checkpoint(all_kinds_dir, backend="trt", engine_dir=python_api_engines)
+
+
+# ---- the ONNX route -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def onnx_engines(demo_dir, tmp_path_factory, plugins):
+    """The four graphs and their engines (build_engine.py builds them with TensorRT's Python API)."""
+    import tensorrt as trt
+
+    from trtllm_twotower.onnx_nodes import NODES
+
+    registry = trt.get_plugin_registry()
+    missing = [n.op_type for n in NODES.values() if registry.get_creator(n.op_type, "1", "twotower") is None]
+    if missing:  # the plugins on the AOT-compiled Triton kernels (issue 20, item 4) provide them
+        pytest.skip(f"no TensorRT plugin creator for the ONNX nodes {missing}")
+    out = tmp_path_factory.mktemp("trt") / "onnx"
+    subprocess.run([sys.executable, str(ROOT / "build_engine.py"), "--checkpoint", str(demo_dir), "--onnx", str(out),
+                    "--dtype", "float32", *LIMITS], check=True)
+    return out
+
+
+@pytest.mark.parametrize("graph", ["context", "context_trace", "denoiser", "denoiser_untimed"])
+def test_onnx_engines_match_onnx_runtime_through_polygraphy(demo_dir, onnx_engines, graph):
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
+
+    from trtllm_twotower.config import load_config
+    from trtllm_twotower.engine_io import state_names
+    from trtllm_twotower.network import towers
+    from trtllm_twotower.runtime.onnx_executor import load_session
+
+    cfg = load_config(demo_dir)
+    gen = torch.Generator().manual_seed(11)
+    feeds = []
+    for batch, tokens in ((1, 16), (3, 5)):
+        state = towers.empty_state(cfg, batch, 256, torch.float32, "cpu")
+        by_kind = {"key": state.keys, "value": state.values, "conv": state.conv, "ssm": state.ssm}
+        feed = {"input_ids": torch.randint(0, cfg.vocab_size, (batch, tokens), generator=gen).int().numpy(),
+                "cache_lens": torch.randint(0, 200, (batch,), generator=gen).int().numpy()}
+        if graph == "denoiser":
+            feed["timestep"] = torch.rand(batch, generator=gen).numpy()
+        feed.update({name: torch.randn(by_kind[kind][i].shape, generator=gen).numpy()
+                     for kind, entries in state_names(cfg).items() for i, name in entries})
+        feeds.append(feed)
+    engine = EngineFromBytes((onnx_engines / "engines" / f"{graph}.engine").read_bytes())
+    results = Comparator.run([OnnxrtRunner(load_session(onnx_engines / f"{graph}.onnx")), TrtRunner(engine)],
+                             data_loader=feeds)
+    assert bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=1e-3, rtol=1e-3)))

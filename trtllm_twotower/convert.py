@@ -18,7 +18,7 @@ import torch
 
 from .checkpoint import (CONTEXT, DENOISER, NANO, TWOTOWER, CheckpointError, CheckpointReader,
                          StreamingSafetensorsWriter, TensorSpec, capped, resolve_keys, tower_tensor_specs)
-from .config import TwoTowerConfig, config_from_dict, load_config
+from .config import MAMBA, TwoTowerConfig, config_from_dict, load_config
 from .fsutil import atomic_directory
 
 ARCHITECTURES = {CONTEXT: "TwoTowerContextForCausalLM", DENOISER: "TwoTowerDenoiser"}
@@ -28,7 +28,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 @dataclass(frozen=True)
 class TrtParam:
     """One TRT-LLM parameter: its name, shape, dtype and the checkpoint tensors it is made of
-    (several = stacked along a new leading dim, in order)."""
+    (several = stacked along a new leading dim, in order; none = zeros)."""
 
     name: str
     shape: tuple[int, ...]
@@ -59,6 +59,8 @@ def trtllm_params(cfg: TwoTowerConfig, layout: str, tower: str, dtype: torch.dty
         if len(specs) > 1:
             shape = (len(specs), *shape)
         params.append(TrtParam(name, shape, torch.float32 if first.fp32 else dtype, tuple(specs)))
+    if not cfg.use_conv_bias:  # one conv code path, as the torch loader: a missing bias is a zero bias
+        params += [TrtParam(f"layers.{i}.conv_bias", (cfg.conv_dim,), dtype, ()) for i in cfg.layers_of(MAMBA)]
     return params
 
 
@@ -118,6 +120,8 @@ def write_tower_checkpoint(reader: CheckpointReader, on_disk: dict[str, str], cf
     with StreamingSafetensorsWriter(directory / "rank0.safetensors",
                                     [(p.name, p.dtype, p.shape) for p in params]) as writer:
         for p in params:
+            if not p.sources:
+                writer.write(torch.zeros(p.shape, dtype=p.dtype))
             for spec in p.sources:
                 writer.write(reader.read(on_disk[spec.key]).to(p.dtype))
                 if progress is not None:

@@ -150,6 +150,21 @@ def rollback(state: TowerState, keep: torch.Tensor) -> TowerState:
                       conv=pick(trace.conv), ssm=pick(trace.ssm))
 
 
+def committed(state: TowerState, tokens: int, new_keys: dict, new_values: dict, conv: dict, ssm: dict,
+              trace: ExtendTrace | None = None) -> TowerState:
+    """The state after an extend of ``tokens`` tokens computed by an engine or graph that outputs the
+    chunk's K/V (layer -> [B, L, K, P]) instead of writing them: they are appended to ``state``'s
+    buffers here, at each row's length; ``conv`` / ``ssm`` are the new Mamba states."""
+    for i in state.keys:
+        device = state.keys[i].device
+        rows = torch.arange(state.batch, device=device)[:, None]
+        slots = upload(state.lengths, device)[:, None] + torch.arange(tokens, device=device)  # [B, L]
+        state.keys[i][rows, slots] = new_keys[i]
+        state.values[i][rows, slots] = new_values[i]
+    return TowerState(lengths=state.lengths + tokens, keys=state.keys, values=state.values, conv=conv, ssm=ssm,
+                      trace=trace)
+
+
 def forward_layers(ops, cfg: TwoTowerConfig, w: dict, ids, state: TowerState, *, causal: bool,
                    commit: bool, modulation=None, trace: bool = False):
     """Run every layer over ``ids`` [B, L] on top of ``state``.

@@ -32,6 +32,11 @@ try:
     from tensorrt_llm.models.modeling_utils import PretrainedConfig, PretrainedModel
     from tensorrt_llm.module import Module, ModuleList
     from tensorrt_llm.parameter import Parameter
+    from tensorrt_llm.graph_rewriting import Layer
+
+    # build() runs optimize(network), whose passes call Layer.as_layer() on every layer; the copies of
+    # graph_rewriting.py read map no PLUGIN_V3 (NotImplementedError on our plugin layers): register it
+    Layer.TRT_LAYER_TYPE_TO_LAYER.setdefault(trt.LayerType.PLUGIN_V3, trt.IPluginV3Layer)
 except ImportError:  # the op table stays inspectable; everything else raises on use
     tensorrt_llm = None
 
@@ -50,12 +55,15 @@ class TrtOps:
     """The op interface on TensorRT-LLM tensors (one method per name in ``ops.OP_NAMES``).
 
     ``commit``: the network keeps the Mamba states (context engine) or drops them (denoiser).
-    ``new_kv``: past_key_{i} name -> (k, v) of the new tokens, which the context engine outputs."""
+    ``new_kv``: past_key_{i} name -> (k, v) of the new tokens, which the context engine outputs.
+    Static widths come from ``cfg`` as Python ints, never from ``Tensor.size()`` / ``.shape``: after a
+    reshape by shape tensors TensorRT may report -1 there (a plugin creator rejects a -1 field)."""
 
-    def __init__(self, dtype: str, commit: bool):
+    def __init__(self, dtype: str, commit: bool, cfg):
         _require()
         self.dtype = dtype
         self.commit = commit
+        self.cfg = cfg
         self.new_kv: dict = {}
 
     def embedding(self, table, ids):
@@ -77,7 +85,7 @@ class TrtOps:
         dynamic dims: F.rms_norm(num_groups=) cannot reshape that)."""
         v = F.cast(y, "float32") * F.silu(F.cast(z, "float32"))  # [B, L, D]
         lead = _dims(v, v.ndim() - 1)
-        width = v.size(-1)
+        width = self.cfg.d_inner
         g = v.view(F.concat(lead + [n_groups, width // n_groups]))  # [B, L, G, D/G]
         ms = F.mean(g * g, dim=g.ndim() - 1, keepdim=True)
         g = g / F.sqrt(ms + eps)
@@ -90,7 +98,9 @@ class TrtOps:
         return x.view(F.concat(_dims(x, x.ndim() - 1) + [heads, head_dim]))
 
     def merge_heads(self, x):
-        return x.view(F.concat(_dims(x, x.ndim() - 2) + [x.size(-2) * x.size(-1)]))
+        """[B, L, heads, head_dim] -> [B, L, heads * head_dim]: attention heads, or the [B, 3, D]
+        modulation rows (``_modulation``)."""
+        return x.view(F.concat(_dims(x, x.ndim() - 2) + [-1]))
 
     def add(self, a, b):
         return a + b
@@ -133,7 +143,9 @@ class TrtOps:
 
         if write_cache:  # the engine outputs the block's K/V; the runtime appends them
             self.new_kv[k_cache.name] = (k, v)
-        return block_attention_plugin(q, k, v, k_cache, v_cache, cache_lens, causal)
+        cfg = self.cfg
+        return block_attention_plugin(q, k, v, k_cache, v_cache, cache_lens, causal, cfg.num_attention_heads,
+                                      cfg.num_key_value_heads, cfg.head_dim)
 
     def mamba_scan(self, xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state, n_groups, head_dim,
                    per_position=False):
@@ -146,7 +158,7 @@ class TrtOps:
 
     def moe_route(self, x, router, correction_bias, top_k, normalize, scale):
         """fp32 router (TensorRT has no fp64): x [B, L, D] -> ids [B*L, k] int32, weights [B*L, k] fp32."""
-        flat = x.view(F.concat([F.shape(x, 0) * F.shape(x, 1), x.size(-1)]))  # [n, D]
+        flat = x.view(F.concat([F.shape(x, 0) * F.shape(x, 1), self.cfg.hidden_size]))  # [n, D]
         scores = F.sigmoid(F.matmul(F.cast(flat, "float32"), F.cast(router, "float32"), transb=True))  # [n, E]
         _, idx = F.topk(scores + correction_bias, top_k, dim=1, prefer_plugin=False)  # TensorRT's own top-k
         w = F.gather(scores, dim=1, indices=idx)
@@ -157,7 +169,7 @@ class TrtOps:
     def moe_experts(self, x, idx, weights, up, down, shared=None):
         from ..plugins.trt_layers import moe_experts_plugin
 
-        flat = x.view(F.concat([F.shape(x, 0) * F.shape(x, 1), x.size(-1)]))  # [n, D]
+        flat = x.view(F.concat([F.shape(x, 0) * F.shape(x, 1), self.cfg.hidden_size]))  # [n, D]
         routed = moe_experts_plugin(flat, idx, weights, up, down).view(F.shape(x))
         return routed if shared is None else routed + shared
 
@@ -320,7 +332,7 @@ if tensorrt_llm is not None:
 
         def forward(self, inputs):
             self._check_plugin_config()
-            ops = TrtOps(self.config.dtype, commit=True)
+            ops = TrtOps(self.config.dtype, commit=True, cfg=self.cfg)
             weights = self._weights()
             hidden, new_state = towers.forward_layers(ops, self.cfg, weights, inputs["input_ids"], self._state(inputs),
                                                       causal=True, commit=True)
@@ -338,7 +350,7 @@ if tensorrt_llm is not None:
 
         def forward(self, inputs):
             self._check_plugin_config()
-            ops = TrtOps(self.config.dtype, commit=False)
+            ops = TrtOps(self.config.dtype, commit=False, cfg=self.cfg)
             logits = towers.denoise(ops, self.cfg, self._weights(), self._state(inputs), inputs["input_ids"],
                                     inputs["timestep"])  # [B, T, V] fp32
             logits.mark_output("logits", "float32")

@@ -33,10 +33,9 @@ def _add_plugin(name: str, fields: dict[str, int], inputs: list, layer_name: str
     return [_create_tensor(layer.get_output(i), layer) for i in range(layer.num_outputs)]
 
 
-def block_attention_plugin(q, k, v, k_cache, v_cache, cache_lens, causal: bool):
+def block_attention_plugin(q, k, v, k_cache, v_cache, cache_lens, causal: bool, H: int, K: int, P: int):
     """q [B, L, H, P], k/v [B, L, K, P], caches [B, S, K, P] (read only), cache_lens [B] int32 ->
-    out [B, L, H, P]."""
-    H, K, P = q.shape[2], k.shape[2], q.shape[3]
+    out [B, L, H, P]. H, K, P: the config's integers (a tensor's static dims may read -1 here)."""
     (out,) = _add_plugin("TwoTowerBlockAttention", {"num_heads": H, "num_kv_heads": K, "head_dim": P,
                                                     "causal": int(causal)},
                          [q, k, v, k_cache, v_cache, cache_lens], "twotower_block_attention")

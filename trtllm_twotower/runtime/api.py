@@ -192,11 +192,17 @@ class TwoTowerRuntime:
                         prefix_cache_bytes: int | None = None) -> "TwoTowerRuntime":
         """Load an official checkpoint (TwoTower, or a Nano base for AR only). ``path=None`` uses the
         built-in demo checkpoint. backend 'torch' runs the eager towers; 'trt' runs built engines
-        from ``engine_dir`` (needs TensorRT-LLM 1.2 and a GPU). ``max_batch`` / ``memory_budget``
-        (bytes of context state) bound the scheduler's running batch; ``prefix_cache_bytes`` bounds the
-        prefix cache inside that budget (default: all of it, yielding to running rows; 0: off)."""
-        if backend not in ("torch", "trt"):
-            raise ValueError(f"backend: expected 'torch' or 'trt', got {backend!r}")
+        from ``engine_dir`` (needs TensorRT-LLM 1.2 and a GPU); 'onnx' runs the exported graphs in
+        ``engine_dir`` (``build_engine.py --onnx``) under ONNX Runtime on the CPU, float32 only.
+        ``max_batch`` / ``memory_budget`` (bytes of context state) bound the scheduler's running batch;
+        ``prefix_cache_bytes`` bounds the prefix cache inside that budget (default: all of it, yielding
+        to running rows; 0: off)."""
+        if backend not in ("torch", "trt", "onnx"):
+            raise ValueError(f"backend: expected 'torch', 'trt' or 'onnx', got {backend!r}")
+        if backend == "onnx" and (
+                dtype != "float32" or any(d not in (None, "cpu") for d in (context_device, denoiser_device))):
+            raise ValueError("backend 'onnx': ONNX Runtime runs the float32 graphs on the CPU (dtype='float32', "
+                             "no devices)")
         if dtype not in DTYPES:
             raise ValueError(f"dtype: expected one of {sorted(DTYPES)}, got {dtype!r}")
         for name, value in (("max_batch", max_batch), ("memory_budget", memory_budget)):
@@ -217,6 +223,10 @@ class TwoTowerRuntime:
             from .trt_executor import TrtExecutor  # needs TensorRT-LLM
 
             executor = TrtExecutor.from_engine_dir(engine_dir, cfg, ctx_dev, den_dev)
+        elif backend == "onnx":
+            from .onnx_executor import OnnxExecutor  # needs the onnx extra
+
+            executor = OnnxExecutor.from_onnx_dir(engine_dir, cfg)
         else:
             torch_dtype = DTYPES[dtype]
             ctx = load_tower_weights(reader, cfg, CONTEXT, torch_dtype, ctx_dev, layout, on_disk)

@@ -9,7 +9,6 @@ what changed since the last block: the new K/V positions and the Mamba states.
 from __future__ import annotations
 
 import os
-from functools import partial
 
 import torch
 
@@ -17,7 +16,7 @@ from ..devices import upload
 from ..network import towers
 from ..network.ops import TorchOps
 from .graphs import GraphCache
-from .prefix_cache import PAGE_TOKENS, prefill_in_pages
+from .prefix_cache import PAGE_TOKENS, prefill_rows
 
 
 class StateMirror:
@@ -110,18 +109,9 @@ class TorchExecutor:
         (``prefix_cache.BatchPages``): each row resumes from its cached prefix, and its new pages
         are cached. Returns (state, fp32 logits of each row's last prompt token [B, V] or None
         when a prompt is empty)."""
-        rows, last = [], []
-        for b, prompt in enumerate(prompts):
-            start = pages.resume(b) if pages is not None else None
-            state = towers.empty_state(self.cfg, 1, capacity, self.dtype, self.context_device) if start is None \
-                else towers.concat_states([start], capacity)
-            logits, state = prefill_in_pages(self._prefill_piece, state, prompt, self.page_tokens,
-                                             None if pages is None else partial(pages.store, b))
-            if logits is not None:
-                last.append(logits)
-            rows.append(state)
-        logits = torch.cat(last) if len(last) == len(prompts) else None
-        return (rows[0] if len(rows) == 1 else towers.concat_states(rows, capacity)), logits
+        return prefill_rows(prompts, capacity, pages,
+                            lambda: towers.empty_state(self.cfg, 1, capacity, self.dtype, self.context_device),
+                            self._prefill_piece, self.page_tokens)
 
     def _prefill_piece(self, state, ids: list[int], logits: bool):
         hidden, state = towers.forward_layers(self.ctx_ops, self.cfg, self.ctx_weights,

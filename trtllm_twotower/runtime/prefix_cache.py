@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -47,6 +48,25 @@ def prefill_in_pages(run, state, prompt: list[int], page_tokens: int, on_page=No
         if hi < len(prompt) and on_page is not None:
             on_page(hi, state)
     return logits, state
+
+
+def prefill_rows(prompts: list[list[int]], capacity: int, pages, empty_state, run, page_tokens: int):
+    """Every executor's prefill: each row alone (prompts differ in length), resumed from its cached
+    prefix when ``pages`` (``BatchPages``) has one, in page pieces (``prefill_in_pages``, which
+    caches its new pages), then one batched state of ``capacity`` slots per row. ``empty_state()``
+    makes one empty row; ``run`` as in ``prefill_in_pages``. Returns (state, fp32 logits of each
+    row's last prompt token [B, V], or None when a prompt is empty)."""
+    rows, last = [], []
+    for b, prompt in enumerate(prompts):
+        start = pages.resume(b) if pages is not None else None
+        state = empty_state() if start is None else towers.concat_states([start], capacity)
+        logits, state = prefill_in_pages(run, state, prompt, page_tokens,
+                                         None if pages is None else partial(pages.store, b))
+        if logits is not None:
+            last.append(logits)
+        rows.append(state)
+    logits = torch.cat(last) if len(last) == len(prompts) else None
+    return (rows[0] if len(rows) == 1 else towers.concat_states(rows, capacity)), logits
 
 
 @dataclass(eq=False)

@@ -7,7 +7,6 @@ the names of ``engine_io``; K/V buffers are written in place by the context engi
 
 from __future__ import annotations
 
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from ..checkpoint import CONTEXT, DENOISER
 from ..engine_io import check_manifest, state_names
 from ..network import towers
 from .executor import StateMirror, check_capacity
-from .prefix_cache import PAGE_TOKENS, prefill_in_pages
+from .prefix_cache import PAGE_TOKENS, prefill_rows
 
 
 class TrtExecutor:
@@ -31,13 +30,22 @@ class TrtExecutor:
         self.sessions = sessions
         self.capacity = manifest["limits"]["max_seq_len"]
         self.block_size = manifest["limits"]["block_size"]
-        self.dtype = torch.bfloat16
+        self.dtype = self._state_dtype(cfg, sessions[CONTEXT].engine)  # the engines' dtype (--dtype at build)
         self.context_device = context_device
         self.denoiser_device = denoiser_device
         self._mirror = StateMirror(denoiser_device) if denoiser_device != context_device else None
         with torch.cuda.device(context_device):  # profile 1 of the context engine: steps and blocks
             self._step_context = sessions[CONTEXT].engine.create_execution_context()
             self._step_context.set_optimization_profile_async(1, torch.cuda.current_stream(context_device).cuda_stream)
+
+    @staticmethod
+    def _state_dtype(cfg, engine) -> torch.dtype:
+        """The dtype of the K/V and conv state buffers: the engine's own input dtype."""
+        from tensorrt_llm._utils import trt_dtype_to_torch
+
+        names = state_names(cfg)
+        name = next(n for kind in ("key", "conv") for _, n in names[kind])
+        return trt_dtype_to_torch(engine.get_tensor_dtype(name))
 
     @classmethod
     def from_engine_dir(cls, engine_dir, cfg, context_device, denoiser_device) -> "TrtExecutor":
@@ -83,16 +91,9 @@ class TrtExecutor:
         if capacity > self.capacity:
             raise ValueError(f"prompt + output needs {capacity} cache slots; the engines were built for "
                              f"max_seq_len {self.capacity}")
-        rows, last = [], []
-        for b, prompt in enumerate(prompts):
-            start = pages.resume(b) if pages is not None else None
-            state = towers.empty_state(self.cfg, 1, self.capacity, self.dtype, self.context_device) if start is None \
-                else towers.concat_states([start], self.capacity)
-            logits, state = prefill_in_pages(self._prefill_piece, state, prompt, self.page_tokens,
-                                             None if pages is None else partial(pages.store, b))
-            rows.append(state)
-            last.append(logits)
-        return (rows[0] if len(rows) == 1 else towers.concat_states(rows, self.capacity)), torch.cat(last)
+        return prefill_rows(prompts, self.capacity, pages,
+                            lambda: towers.empty_state(self.cfg, 1, self.capacity, self.dtype, self.context_device),
+                            self._prefill_piece, self.page_tokens)
 
     def _prefill_piece(self, state, ids: list[int], logits: bool):
         out, state = self.extend(state, torch.tensor([ids]), logits=logits)
@@ -106,14 +107,8 @@ class TrtExecutor:
         check_capacity(state, tokens.shape[1])
         step = self._step_context if tokens.shape[1] <= self.block_size else None
         out = self._run(CONTEXT, self.context_device, self._feeds(state, tokens, self.context_device), step)
-        B, L = tokens.shape
-        rows = torch.arange(B, device=self.context_device)[:, None]
-        slots = state.lengths.to(self.context_device)[:, None] + torch.arange(L, device=self.context_device)  # [B, L]
-        for i in state.keys:
-            state.keys[i][rows, slots] = out[f"new_key_{i}"]
-            state.values[i][rows, slots] = out[f"new_value_{i}"]
-        new_state = towers.TowerState(
-            lengths=state.lengths + L, keys=state.keys, values=state.values,
+        new_state = towers.committed(
+            state, tokens.shape[1], {i: out[f"new_key_{i}"] for i in state.keys}, {i: out[f"new_value_{i}"] for i in state.keys},
             conv={i: out[f"present_conv_state_{i}"] for i in state.conv},
             ssm={i: out[f"present_ssm_state_{i}"] for i in state.ssm})
         return (out["last_logits"][:, None] if logits else None), new_state

@@ -22,13 +22,17 @@ constexpr int kPairs = 16;    // pairs per inner chunk
 constexpr int kChunk = 64;    // reduction elements per shared-memory stage
 constexpr int kGemmThreads = 256;  // each thread: 4 (row, pair) outputs of the 64 x 16 tile
 
+__device__ __forceinline__ int clamp_expert(int32_t id, int E) { return id < 0 ? 0 : (id >= E ? E - 1 : id); }
+
 __global__ void route_kernel(const int32_t* __restrict__ expert_ids, int pairs, int E, int32_t* __restrict__ offsets,
                              int32_t* __restrict__ order, int32_t* __restrict__ position) {
     __shared__ int32_t counts[kMaxExperts];
     __shared__ int32_t cursor[kMaxExperts];
     for (int e = threadIdx.x; e < E; e += blockDim.x) counts[e] = 0;
     __syncthreads();
-    for (int p = threadIdx.x; p < pairs; p += blockDim.x) atomicAdd(&counts[expert_ids[p]], 1);
+    // ids are clamped into [0, E): the router never produces others, but TensorRT times a plugin's
+    // tactics on uninitialised buffers, and an id out of range would write outside shared memory
+    for (int p = threadIdx.x; p < pairs; p += blockDim.x) atomicAdd(&counts[clamp_expert(expert_ids[p], E)], 1);
     __syncthreads();
     if (threadIdx.x == 0) {
         int total = 0;
@@ -41,7 +45,7 @@ __global__ void route_kernel(const int32_t* __restrict__ expert_ids, int pairs, 
     }
     __syncthreads();
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
-        const int slot = atomicAdd(&cursor[expert_ids[p]], 1);
+        const int slot = atomicAdd(&cursor[clamp_expert(expert_ids[p], E)], 1);
         order[slot] = p;
         position[p] = slot;
     }
