@@ -58,10 +58,32 @@ def check_capacity(state, new_tokens: int) -> None:
         raise ValueError(f"cache capacity {state.capacity} exceeded: {longest} + {new_tokens} tokens")
 
 
+class RowStates:
+    """The executors' bookkeeping of row states, the same for every backend (``network.towers``)."""
+
+    @torch.inference_mode()
+    def select(self, state, rows: list[int]):
+        return towers.select_rows(state, rows)
+
+    @torch.inference_mode()
+    def concat(self, states: list, capacity: int):
+        return towers.concat_states(states, capacity)
+
+    @torch.inference_mode()
+    def merge(self, state, rows: list[int], sub):
+        """Write back the rows ``select(state, rows)`` became after an extend."""
+        return towers.merge_rows(state, rows, sub)
+
+    @torch.inference_mode()
+    def rollback(self, state, keep: torch.Tensor):
+        """The state after only the first keep[b] tokens of the traced extend that made ``state``."""
+        return towers.rollback(state, keep)
+
+
 GRAPH_MODES = ("off", "on", "emulate")
 
 
-class TorchExecutor:
+class TorchExecutor(RowStates):
     """Eager torch towers. ``den_weights`` may be None (a Nano checkpoint: AR mode only).
 
     ``graphs`` (default: $TWOTOWER_CUDA_GRAPHS, else "off"): "on" replays the AR step, the block
@@ -144,20 +166,6 @@ class TorchExecutor:
                                                                tokens, logits=logits)
 
     @torch.inference_mode()
-    def rollback(self, state, keep: torch.Tensor):
-        """The state after only the first keep[b] tokens of the traced extend that made ``state``."""
-        return towers.rollback(state, keep)
-
-    @torch.inference_mode()
-    def concat(self, states: list, capacity: int):
-        return towers.concat_states(states, capacity)
-
-    @torch.inference_mode()
-    def merge(self, state, rows: list[int], sub):
-        """Write back the rows ``select(state, rows)`` became after an extend."""
-        return towers.merge_rows(state, rows, sub)
-
-    @torch.inference_mode()
     def denoise(self, state, block: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         """block [B, L], t [B] (None: mock-AR, no time conditioning) -> fp32 logits [B, L, V]."""
         if self._mirror is not None:
@@ -171,6 +179,3 @@ class TorchExecutor:
     def _denoise_forward(self, state, block, t):
         return towers.denoise(self.den_ops, self.cfg, self.den_weights, state, block, t), None
 
-    @torch.inference_mode()
-    def select(self, state, rows: list[int]):
-        return towers.select_rows(state, rows)

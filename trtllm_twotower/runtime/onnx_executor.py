@@ -25,7 +25,7 @@ from ..engine_io import EngineMismatchError, config_hash, state_names
 from ..network import towers
 from ..network.ops import TorchOps
 from ..onnx_nodes import DOMAIN, FLOAT, NODES
-from .executor import check_capacity
+from .executor import RowStates, check_capacity
 from .prefix_cache import PAGE_TOKENS, prefill_rows
 
 ORT_DOMAIN = "ai.onnx.contrib"  # onnxruntime-extensions' domain for Python ops
@@ -126,7 +126,7 @@ def check_onnx_dir(onnx_dir: Path, cfg) -> dict:
     return manifest
 
 
-class OnnxExecutor:
+class OnnxExecutor(RowStates):
     """The exported graphs under ONNX Runtime (CPU, float32), behind the executor interface."""
 
     def __init__(self, cfg, sessions: dict):
@@ -187,24 +187,8 @@ class OnnxExecutor:
         return (out["logits"] if logits else None), new_state
 
     @torch.inference_mode()
-    def rollback(self, state, keep: torch.Tensor):
-        return towers.rollback(state, keep)
-
-    @torch.inference_mode()
     def denoise(self, state, block: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         """block [B, L], t [B] (None: mock-AR, the untimed graph) -> fp32 logits [B, L, V]."""
         if t is None:
             return self._run("denoiser_untimed", state, block)["logits"]
         return self._run("denoiser", state, block, t)["logits"]
-
-    @torch.inference_mode()
-    def select(self, state, rows: list[int]):
-        return towers.select_rows(state, rows)
-
-    @torch.inference_mode()
-    def concat(self, states: list, capacity: int):
-        return towers.concat_states(states, capacity)
-
-    @torch.inference_mode()
-    def merge(self, state, rows: list[int], sub):
-        return towers.merge_rows(state, rows, sub)

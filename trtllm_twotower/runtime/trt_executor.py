@@ -14,11 +14,11 @@ import torch
 from ..checkpoint import CONTEXT, DENOISER
 from ..engine_io import check_manifest, state_names
 from ..network import towers
-from .executor import StateMirror, check_capacity
+from .executor import RowStates, StateMirror, check_capacity
 from .prefix_cache import PAGE_TOKENS, prefill_rows
 
 
-class TrtExecutor:
+class TrtExecutor(RowStates):
     """The two engines behind the executor interface. The context engine has a prefill profile (0)
     and a step profile (1, up to one block); a second execution context runs the steps."""
 
@@ -125,13 +125,3 @@ class TrtExecutor:
         feeds = self._feeds(state, block, self.denoiser_device)
         feeds["timestep"] = t.to(self.denoiser_device, torch.float32)
         return self._run(DENOISER, self.denoiser_device, feeds)["logits"]
-
-    def select(self, state, rows: list[int]):
-        return towers.select_rows(state, rows)
-
-    def concat(self, states: list, capacity: int):
-        return towers.concat_states(states, capacity)
-
-    def merge(self, state, rows: list[int], sub):
-        """Write back the rows ``select(state, rows)`` became after an extend."""
-        return towers.merge_rows(state, rows, sub)
