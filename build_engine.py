@@ -136,10 +136,16 @@ def main(argv=None) -> int:
         return 143
 
 
-def build(args, limits: BuildLimits) -> int:
-    out = Path(args.output_dir)
-    if out.exists() and not args.overwrite:
+def _new_output(path: str, overwrite: bool) -> Path:
+    """The output directory, refused when it exists unless ``--overwrite`` (written atomically later)."""
+    out = Path(path)
+    if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {out} exists (pass --overwrite to replace it)")
+    return out
+
+
+def build(args, limits: BuildLimits) -> int:
+    out = _new_output(args.output_dir, args.overwrite)
     cfg = load_config(args.checkpoint)
     try:
         import tensorrt_llm  # noqa: F401
@@ -174,9 +180,7 @@ def build_onnx(args, limits: BuildLimits) -> int:
     """The ONNX graphs of both towers, the engine commands and, with TensorRT, the engines."""
     from trtllm_twotower import onnx_engines, onnx_export
 
-    out = Path(args.onnx)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"output directory {out} exists (pass --overwrite to replace it)")
+    out = _new_output(args.onnx, args.overwrite)
     cfg = load_config(args.checkpoint)
     try:
         import tensorrt  # noqa: F401

@@ -325,20 +325,15 @@ def dry_run(cfg, batches=(1, 16, 64), contexts=(1024, 8192), prefills=(1024, 819
     results = []
     with fake_mode, mode, AtenIndexing():
         runner = Runner(cfg)
-        for length in prefills:
-            setup, step, _ = runner.prefill(length)
+        cases = [("prefill", 1, 0, *runner.prefill(length)) for length in prefills]
+        cases += [(kind, batch, context, *case) for batch in batches for context in contexts
+                  for kind, case in runner.steps(batch, context).items()]
+        for kind, batch, context, setup, step, tokens in cases:
             total, by_op, uploads, error = count(mode, setup, step)
-            results.append(Step("prefill", 1, 0, length, total, round(total / layers, 2), uploads,
+            results.append(Step(kind, batch, context, tokens, total, round(total / layers, 2), uploads,
                                 len(mode.host_reads), dict(by_op), error))
-            log(f"prefill {length:5d}: {total} launches ({total / layers:.1f} per layer){' ' + error if error else ''}")
-        for batch in batches:
-            for context in contexts:
-                for kind, (setup, step, tokens) in runner.steps(batch, context).items():
-                    total, by_op, uploads, error = count(mode, setup, step)
-                    results.append(Step(kind, batch, context, tokens, total, round(total / layers, 2), uploads,
-                                        len(mode.host_reads), dict(by_op), error))
-                    log(f"{kind:18s} batch {batch:3d} context {context:5d}: {total} launches "
-                        f"({total / layers:.1f} per layer){' ' + error if error else ''}")
+            log(f"{kind:18s} batch {batch:3d} context {context:5d} tokens {tokens:5d}: {total} launches "
+                f"({total / layers:.1f} per layer){' ' + error if error else ''}")
         verify_reads = runner.verify_reads(mode, batches[0])
         kinds = "".join(k for k in (MAMBA, ATTENTION, MOE, MLP) if k in cfg.layer_pattern)
         by_kind = per_kind_launches(cfg, kinds, mode)
