@@ -26,6 +26,7 @@ BLOCK_M = 16  # query rows (token x head of a group) per program
 BLOCK_N = 64  # keys per tile
 SPLIT_TARGET_PROGRAMS = 264  # 2 per SM of an H100/H200 (132 SMs): enough programs to stream the cache
 MIN_SPLIT_KEYS = 256
+MAX_SPLITS = 64
 
 
 def num_splits(batch: int, kv_heads: int, rows: int, max_len: int) -> int:
@@ -33,7 +34,7 @@ def num_splits(batch: int, kv_heads: int, rows: int, max_len: int) -> int:
     base = batch * kv_heads * triton.cdiv(rows, BLOCK_M)
     if base == 0 or max_len < 2 * MIN_SPLIT_KEYS:
         return 1
-    return max(1, min(triton.cdiv(SPLIT_TARGET_PROGRAMS, base), max_len // MIN_SPLIT_KEYS, 64))
+    return max(1, min(triton.cdiv(SPLIT_TARGET_PROGRAMS, base), max_len // MIN_SPLIT_KEYS, MAX_SPLITS))
 
 
 def launches(batch: int, length: int, heads: int, kv_heads: int, max_len: int) -> int:

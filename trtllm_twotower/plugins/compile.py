@@ -35,6 +35,15 @@ class Launch:
     num_warps: int
 
 
+@dataclass(frozen=True)
+class Call:
+    """One recorded launch with its grid and runtime argument values (tensors as they were passed)."""
+
+    launch: Launch
+    grid: tuple  # (x, y, z)
+    args: tuple  # (name, value) per runtime argument, in the kernel's order
+
+
 def _arg_type(value) -> str:
     if isinstance(value, torch.Tensor):
         return "*" + _TYPES[value.dtype]
@@ -47,28 +56,43 @@ def _arg_type(value) -> str:
     raise TypeError(f"cannot type a kernel argument of {type(value).__name__}")
 
 
+def _constexpr_names(fn) -> set[str]:
+    """The parameters of a @triton.jit function annotated ``tl.constexpr`` (as strings too)."""
+    import inspect
+
+    return {name for name, p in inspect.signature(fn).parameters.items() if "constexpr" in str(p.annotation)}
+
+
 @contextmanager
 def recording():
-    """Within: kernel launches are recorded (nothing runs) into the yielded list."""
+    """Within: kernel launches are recorded (nothing runs) into the yielded list of ``Call``. Works
+    on compiled kernels and under ``TRITON_INTERPRET=1`` (where ``@triton.jit`` makes
+    ``InterpretedFunction``s) alike."""
+    from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
-    launches: list[Launch] = []
-    original = JITFunction.run
+    calls: list[Call] = []
+    originals = {cls: cls.run for cls in (JITFunction, InterpretedFunction)}
 
     def record(self, *args, grid, warmup=False, **kwargs):
         num_warps = kwargs.pop("num_warps", 4)
         bound = dict(zip(self.arg_names, args), **kwargs)
-        constexpr_names = {self.arg_names[i] for i in self.constexprs}
+        constexpr_names = _constexpr_names(self.fn)
         signature = tuple((name, "constexpr" if name in constexpr_names else _arg_type(bound[name]))
                           for name in self.arg_names)
         constexprs = tuple((name, _constexpr_value(bound[name])) for name in self.arg_names if name in constexpr_names)
-        launches.append(Launch(f"{self.fn.__module__}.{self.fn.__name__}", signature, constexprs, num_warps))
+        launch = Launch(f"{self.fn.__module__}.{self.fn.__name__}", signature, constexprs, num_warps)
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        calls.append(Call(launch, grid, tuple((name, bound[name]) for name in self.arg_names
+                                              if name not in constexpr_names)))
 
-    JITFunction.run = record
+    for cls in originals:
+        cls.run = record
     try:
-        yield launches
+        yield calls
     finally:
-        JITFunction.run = original
+        for cls, run in originals.items():
+            cls.run = run
 
 
 def _constexpr_value(value):
@@ -87,7 +111,7 @@ def real_model_launches(cfg, batches=(1, 64), lengths=(1, 16), context: int = 81
     def t(*shape, dtype=bf16):
         return torch.empty(shape, dtype=dtype, device=META)
 
-    with recording() as launches:
+    with recording() as calls:
         for B in batches:
             for L in lengths:
                 x = t(B, L, D)
@@ -112,7 +136,7 @@ def real_model_launches(cfg, batches=(1, 64), lengths=(1, 16), context: int = 81
                 moe.moe_experts(tokens, t(B * L, k, dtype=torch.int64), t(B * L, k, dtype=torch.float32), t(E, I, D),
                                 t(E, D, I), tokens)
                 moe.relu2(t(B * L, cfg.moe_shared_expert_intermediate_size))
-    return list(dict.fromkeys(launches))  # distinct, in first-seen order
+    return list(dict.fromkeys(call.launch for call in calls))  # distinct, in first-seen order
 
 
 def compile_launch(launch: Launch, target):

@@ -1,0 +1,333 @@
+"""The TensorRT plugins' kernels are the Triton kernels, compiled ahead of time (``plugins/aot.py``)
+and launched by ``csrc/triton_ops.cpp`` exactly as the Python launchers launch them.
+
+Without a GPU: the AOT sources of the demo model's config are generated for sm_90 (both dtypes),
+compiled with the plugin library's C++ into a shared library, and linked against a stand-in CUDA
+driver (``tests/fake_cuda/fake_cuda.c``) that records every launch. For random shapes of every
+op, the library's launches must equal the Python launcher's recorded launches: the same compiled
+variant (kernel, argument types, constexprs, warps), grid, block, scalar arguments bit for bit,
+and pointer arguments with the same role (which input or output, at which byte offset, or scratch).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
+
+from trtllm_twotower.config import load_config  # noqa: E402
+from trtllm_twotower.plugins import attention, mamba, moe, norms  # noqa: E402
+from trtllm_twotower.plugins.aot import variant_key  # noqa: E402
+from trtllm_twotower.plugins.compile import recording  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CSRC = ROOT / "trtllm_twotower" / "plugins" / "csrc"
+DEMO = ROOT / "trtllm_twotower" / "demo_model"
+CUDA_INCLUDE = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "include"
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int32: 3, torch.int64: 4}
+REGION = 1 << 36  # each fake tensor address lies in its own 64 GiB region (16 per kind)
+INPUTS, OUTPUTS, WORKSPACE = 1 << 40, 2 << 40, 3 << 40
+
+
+class TensorArg(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_uint64), ("dtype", ctypes.c_int), ("ndim", ctypes.c_int),
+                ("dims", ctypes.c_int64 * 8)]
+
+
+class FakeLaunch(ctypes.Structure):
+    _fields_ = [("function", ctypes.c_int), ("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3),
+                ("shared", ctypes.c_uint), ("stream", ctypes.c_uint64), ("num_params", ctypes.c_int),
+                ("params", ctypes.c_uint64 * 64)]
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    """(plugin kernel library, fake driver), built for the demo model's config."""
+    if shutil.which("g++") is None or shutil.which("gcc") is None or not (CUDA_INCLUDE / "cuda.h").is_file():
+        pytest.skip(f"g++/gcc or the CUDA headers ({CUDA_INCLUDE}/cuda.h) missing: cannot build the plugin kernels")
+    out = tmp_path_factory.mktemp("aot")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "trtllm_twotower.plugins.aot", "--config", str(DEMO), "--out",
+                          str(out / "generated")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    include = [f"-I{CSRC}", f"-I{out / 'generated'}", f"-I{CUDA_INCLUDE}"]
+    fake = out / "libfakecuda.so"
+    ops = out / "libtwotower_ops.so"
+    for command in (["gcc", "-O1", "-shared", "-fPIC", *include, str(ROOT / "tests" / "fake_cuda" / "fake_cuda.c"),
+                     "-o", str(fake)],
+                    ["gcc", "-O0", "-c", "-fPIC", *include, str(out / "generated" / "triton_variants.c"), "-o",
+                     str(out / "variants.o")],
+                    ["g++", "-O1", "-shared", "-fPIC", "-std=c++17", "-Wall", "-Wextra", "-Werror", *include,
+                     str(CSRC / "triton_launch.cpp"), str(CSRC / "triton_ops.cpp"), str(out / "variants.o"), "-o",
+                     str(ops)]):
+        built = subprocess.run(command, capture_output=True, text=True)
+        assert built.returncode == 0, built.stderr[-4000:]
+    driver = ctypes.CDLL(str(fake), mode=ctypes.RTLD_GLOBAL)  # resolves the library's cu* symbols
+    driver.fake_launch.restype = ctypes.POINTER(FakeLaunch)
+    driver.fake_function_image.restype = ctypes.c_void_p
+    lib = ctypes.CDLL(str(ops))
+    lib.twotower_launch.argtypes = [ctypes.c_char_p, ctypes.POINTER(TensorArg), ctypes.c_int,
+                                    ctypes.POINTER(TensorArg), ctypes.c_int, ctypes.POINTER(ctypes.c_double),
+                                    ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
+    lib.twotower_workspace_bytes.argtypes = [ctypes.c_char_p, ctypes.POINTER(TensorArg), ctypes.c_int,
+                                             ctypes.POINTER(ctypes.c_double), ctypes.c_int]
+    lib.twotower_workspace_bytes.restype = ctypes.c_size_t
+    lib.twotower_last_error.restype = ctypes.c_char_p
+    lib.twotower_variant_key.restype = ctypes.c_char_p
+    lib.twotower_variant_cubin.restype = ctypes.c_void_p
+    return lib, driver
+
+
+def _args(tensors, base: int):
+    array = (TensorArg * max(len(tensors), 1))()
+    for i, t in enumerate(tensors):
+        array[i].data = 0 if t.numel() == 0 else base + i * REGION
+        array[i].dtype = DTYPE_CODES[t.dtype]
+        array[i].ndim = t.dim()
+        for d, size in enumerate(t.shape):
+            array[i].dims[d] = size
+    return array
+
+
+def launch_library(library, op: str, inputs, outputs, attributes, workspace_bytes: int | None = None,
+                   stream: int = 0x51):
+    """(return code, [(variant key, grid, block, params)]) of one ``twotower_launch``."""
+    lib, driver = library
+    ins, outs = _args(inputs, INPUTS), _args(outputs, OUTPUTS)
+    attrs = (ctypes.c_double * max(len(attributes), 1))(*attributes)
+    if workspace_bytes is None:
+        workspace_bytes = lib.twotower_workspace_bytes(op.encode(), ins, len(inputs), attrs, len(attributes))
+    driver.fake_reset()
+    code = lib.twotower_launch(op.encode(), ins, len(inputs), outs, len(outputs), attrs, len(attributes), WORKSPACE,
+                               workspace_bytes, stream)
+    cubins = {lib.twotower_variant_cubin(i): lib.twotower_variant_key(i).decode()
+              for i in range(lib.twotower_variant_count())}
+    launches = []
+    for i in range(driver.fake_num_launches()):
+        record = driver.fake_launch(i).contents
+        assert record.stream == stream
+        key = cubins[driver.fake_function_image(record.function)]
+        launches.append((key, tuple(record.grid), tuple(record.block), list(record.params[:record.num_params])))
+    return code, launches
+
+
+def _role(address: int, sizes: dict) -> tuple:
+    """(kind, index, byte offset) of a fake address; kind "in", "out", "scratch" or "empty"."""
+    if address == 0:
+        return ("empty",)
+    for kind, base in (("in", INPUTS), ("out", OUTPUTS)):
+        if base <= address < base + REGION * 16:
+            return (kind, (address - base) // REGION, (address - base) % REGION)
+    assert address >= WORKSPACE and address - WORKSPACE < sizes["workspace"], hex(address)
+    return ("scratch",)
+
+
+def _python_role(t: torch.Tensor, inputs, outputs) -> tuple:
+    if t.numel() == 0:
+        return ("empty",)
+    for kind, tensors in (("in", inputs), ("out", outputs)):
+        for i, u in enumerate(tensors):
+            start = u.data_ptr()
+            if u.numel() and start <= t.data_ptr() < start + u.numel() * u.element_size():
+                return (kind, i, t.data_ptr() - start)
+    return ("scratch",)
+
+
+def expected_launches(launcher, inputs, outputs_of, *extra):
+    """Run a Python launcher with the kernels recorded: ([(key, grid, block, params)], outputs)."""
+    with recording() as calls:
+        result = launcher(*inputs, *extra)
+    outputs = outputs_of(result)
+    expected = []
+    for call in calls:
+        types = dict(call.launch.signature)
+        params = []
+        for name, value in call.args:
+            if isinstance(value, torch.Tensor):
+                params.append(_python_role(value, inputs, outputs))
+            elif types[name] == "fp32":
+                params.append(np.float32(value).view(np.uint32).item())
+            else:
+                params.append(value)
+        expected.append((variant_key(call.launch), call.grid, (call.launch.num_warps * 32, 1, 1), params))
+    return expected, outputs
+
+
+def compare(library, op, launcher, inputs, attributes, outputs_of=lambda r: list(r) if isinstance(r, tuple) else [r],
+            extra=()):
+    expected, outputs = expected_launches(launcher, inputs, outputs_of, *extra)
+    code, got = launch_library(library, op, inputs, outputs, attributes)
+    assert code == 0, library[0].twotower_last_error().decode()
+    assert len(got) == len(expected), ([k for k, *_ in got], [k for k, *_ in expected])
+    sizes = {"workspace": 1 << 40}
+    for (key, grid, block, params), (want_key, want_grid, want_block, want_params) in zip(got, expected):
+        assert key == want_key
+        assert grid == want_grid and block == want_block, key
+        types = [t for t in key[key.index("(") + 1:key.index(")")].split(",")]
+        decoded = []
+        for t, raw in zip(types, params):
+            if t.startswith("*"):
+                decoded.append(_role(raw, sizes))
+            elif t == "i32":
+                decoded.append(np.uint32(raw & 0xFFFFFFFF).view(np.int32).item())
+            elif t == "fp32":
+                decoded.append(raw & 0xFFFFFFFF)
+            else:
+                decoded.append(np.uint64(raw).view(np.int64).item())
+        assert len(params) == len(types) + 2 and params[-2:] == [0, 0], key  # + Triton's two scratch pointers
+        assert decoded == want_params, key
+    return got
+
+
+CFG = load_config(DEMO / "config.json")
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def rand(gen, *shape, dtype=torch.float32):
+    return torch.randn(*shape, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norms_launch_as_the_python_launchers(library, dtype):
+    gen = torch.Generator().manual_seed(1)
+    D = CFG.hidden_size
+    for _ in range(3):
+        B, L = (int(v) for v in torch.randint(1, 9, (2,), generator=gen))
+        x, w = rand(gen, B, L, D, dtype=dtype), rand(gen, D, dtype=dtype)
+        table, m = rand(gen, 3, D, dtype=dtype), rand(gen, B, 3 * D, dtype=dtype)
+        compare(library, "RmsNorm", lambda x, w: norms.rms_norm(x, w, 1e-5), [x, w], [1e-5])
+        for first in (0, 1):
+            compare(library, "ModulatedRmsNorm", lambda x, w, t, m: norms.rms_norm(x, w, 1e-5, t, m, bool(first)),
+                    [x, w, table, m], [1e-5, first])
+        compare(library, "GatedResidual", norms.gated_residual, [x, rand(gen, B, L, D, dtype=dtype), table, m], [])
+        width = CFG.d_inner
+        compare(library, "GatedRmsNorm", lambda y, z, w: norms.gated_rms_norm(y, z, w, CFG.n_groups, 1e-5),
+                [rand(gen, B, L, width, dtype=dtype), rand(gen, B, L, width, dtype=dtype), rand(gen, width, dtype=dtype)],
+                [CFG.n_groups, 1e-5])
+        compare(library, "Relu2", moe.relu2, [rand(gen, B * L, CFG.moe_shared_expert_intermediate_size, dtype=dtype)],
+                [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_router_and_experts_launch_as_the_python_launchers(library, dtype):
+    gen = torch.Generator().manual_seed(2)
+    D, E, I, k = CFG.hidden_size, CFG.n_routed_experts, CFG.moe_intermediate_size, CFG.num_experts_per_tok
+    for n in (1, 5, 37, 700):
+        x = rand(gen, n, D, dtype=dtype)
+        compare(library, "MoeRoute", lambda x, r, b: moe.moe_route(x, r, b, k, True, 2.5),
+                [x, rand(gen, E, D, dtype=dtype), rand(gen, E)], [k, 1, 2.5])
+        ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(n)])
+        experts = [x, ids, torch.rand(n, k, generator=gen), rand(gen, E, I, D, dtype=dtype), rand(gen, E, D, I, dtype=dtype)]
+        compare(library, "MoeExperts", lambda *a: moe.moe_experts(*a, None), experts, [])
+        compare(library, "MoeExperts", moe.moe_experts, [*experts, rand(gen, n, D, dtype=dtype)], [])
+
+
+def test_experts_beyond_one_sort_run_in_token_chunks(library):
+    """More (token, expert) pairs than the one-program sort holds: the library runs the four
+    kernels per chunk of ALIGN_MAX_PAIRS // k tokens, each launched as the Python launcher launches
+    that chunk (Python sorts such prefills with torch ops instead; each token's sum is the same)."""
+    gen = torch.Generator().manual_seed(3)
+    D, E, I, k = CFG.hidden_size, CFG.n_routed_experts, CFG.moe_intermediate_size, CFG.num_experts_per_tok
+    chunk = moe.ALIGN_MAX_PAIRS // k
+    n = 2 * chunk + 123
+    x, shared = rand(gen, n, D, dtype=torch.bfloat16), rand(gen, n, D, dtype=torch.bfloat16)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(n)])
+    weights = torch.rand(n, k, generator=gen)
+    up, down = rand(gen, E, I, D, dtype=torch.bfloat16), rand(gen, E, D, I, dtype=torch.bfloat16)
+    out = torch.empty_like(x)
+    code, got = launch_library(library, "MoeExperts", [x, ids, weights, up, down, shared], [out], [])
+    assert code == 0, library[0].twotower_last_error().decode()
+    assert len(got) == 4 * 3
+    for c, t0 in enumerate(range(0, n, chunk)):
+        part = slice(t0, min(n, t0 + chunk))
+        with recording() as calls:
+            moe.moe_experts(x[part], ids[part], weights[part], up, down, shared[part])
+        assert [variant_key(call.launch) for call in calls] == [key for key, *_ in got[4 * c: 4 * c + 4]]
+        assert [call.grid for call in calls] == [grid for _, grid, *_ in got[4 * c: 4 * c + 4]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_launches_as_the_python_launcher(library, dtype):
+    """Causal and bidirectional, one split and several (long caches): the split count and
+    lengths come from the cache capacity minus the chunk, the bound the plugin knows."""
+    gen = torch.Generator().manual_seed(4)
+    H, KV, P = CFG.num_attention_heads, CFG.num_key_value_heads, CFG.head_dim
+    for B, L, S in ((1, 1, 9), (3, 16, 40), (2, 16, 3000), (1, 1, 70000), (5, 7, 600)):
+        for causal in (True, False):
+            q = rand(gen, B, L, H, P, dtype=dtype)
+            kv = [rand(gen, B, L, KV, P, dtype=dtype) for _ in range(2)]
+            caches = [rand(gen, B, S, KV, P, dtype=dtype) for _ in range(2)]
+            lens = torch.randint(0, S - L + 1, (B,), generator=gen, dtype=torch.int32)
+            got = compare(library, "BlockAttention",
+                          lambda *a: attention.block_attention(*a, S - L, causal, False),
+                          [q, *kv, *caches, lens], [H, KV, P, int(causal)])
+            assert len(got) == attention.launches(B, L, H, KV, S - L)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mamba_scan_launches_as_the_python_launcher(library, dtype):
+    gen = torch.Generator().manual_seed(5)
+    H, P, G, C, W = CFG.mamba_num_heads, CFG.mamba_head_dim, CFG.n_groups, CFG.conv_dim, CFG.conv_kernel
+    N = CFG.ssm_state_size
+    for B, L in ((1, 1), (3, 16), (2, 5)):
+        for steps in (0, 1):
+            inputs = [rand(gen, B, L, C, dtype=dtype), rand(gen, B, L, H, dtype=dtype), rand(gen, C, W, dtype=dtype),
+                      rand(gen, C, dtype=dtype), rand(gen, H), rand(gen, H), rand(gen, H), rand(gen, B, C, W, dtype=dtype),
+                      rand(gen, B, H, P, N)]
+            compare(library, "SeededMambaScan", lambda *a: mamba.seeded_mamba_scan(*a, G, P, bool(steps)), inputs,
+                    [G, P, steps])
+
+
+def test_bad_launches_get_one_error_naming_the_problem(library):
+    lib, driver = library
+    gen = torch.Generator().manual_seed(6)
+    D = CFG.hidden_size
+    x16 = rand(gen, 2, 3, D, dtype=torch.float16)
+    code, got = launch_library(library, "RmsNorm", [x16, rand(gen, D, dtype=torch.float16)], [torch.empty_like(x16)],
+                               [1e-5])
+    assert code == -2 and got == []  # fp16 was not compiled into the library
+    message = lib.twotower_last_error().decode()
+    assert "no compiled kernel variant norms._rms_norm_kernel(*fp16" in message and "aot.py" in message
+    q = rand(gen, 1, 4, CFG.num_attention_heads, CFG.head_dim)
+    cache = rand(gen, 1, 8, CFG.num_key_value_heads, CFG.head_dim)
+    kv = rand(gen, 1, 4, CFG.num_key_value_heads, CFG.head_dim)
+    inputs = [q, kv, kv, cache, cache, torch.zeros(1, dtype=torch.int32)]
+    code, _ = launch_library(library, "BlockAttention", inputs, [torch.empty_like(q)],
+                             [CFG.num_attention_heads, CFG.num_key_value_heads, CFG.head_dim + 1, 1])
+    assert code == -1 and "num_heads, num_kv_heads, head_dim" in lib.twotower_last_error().decode()
+    code, _ = launch_library(library, "Softmax", [q], [q], [])
+    assert code == -5 and "unknown op Softmax" in lib.twotower_last_error().decode()
+    big = rand(gen, 1, 4, CFG.num_attention_heads, CFG.head_dim)
+    long_cache = rand(gen, 1, 4100, CFG.num_key_value_heads, CFG.head_dim)
+    code, got = launch_library(library, "BlockAttention", [big, kv, kv, long_cache, long_cache, inputs[5]],
+                               [torch.empty_like(big)], [CFG.num_attention_heads, CFG.num_key_value_heads,
+                                                         CFG.head_dim, 1], workspace_bytes=64)
+    assert code == -6 and got == []  # split attention needs its partials' scratch
+
+
+def test_each_cuda_context_loads_its_own_modules(library):
+    """Two GPUs in one process: the second context loads the cubins again; launches after that
+    load nothing more."""
+    lib, driver = library
+    gen = torch.Generator().manual_seed(7)
+    x = rand(gen, 2, CFG.hidden_size)
+    args = ("Relu2", [x], [torch.empty_like(x)], [])
+    launch_library(library, *args)
+    before = driver.fake_num_modules()
+    launch_library(library, *args)
+    assert driver.fake_num_modules() == before
+    driver.fake_set_context(ctypes.c_size_t(0x2000))
+    try:
+        launch_library(library, *args)
+        assert driver.fake_num_modules() == before + 1
+    finally:
+        driver.fake_set_context(ctypes.c_size_t(0x1000))

@@ -1,0 +1,189 @@
+"""The Triton kernels compiled ahead of time, as C for the TensorRT plugin library.
+
+``python -m trtllm_twotower.plugins.aot --config CONFIG --out DIR`` writes, for one model config:
+- ``triton_variants.c``: one cubin per kernel variant (a kernel with its argument types and
+  constexprs, what Triton's JIT would compile on the GPU) and the table ``twotower_variants`` of
+  (key, function name, cubin, shared memory, warps) that ``csrc/triton_launch.cpp`` loads from;
+- ``triton_constants.h``: the launchers' tiling constants (one source: the Python modules);
+- ``manifest.json``: config, target, triton version and every key.
+
+The variants are found by running the Python launchers (``norms``, ``moe``, ``attention``,
+``mamba``) on meta tensors with ``JITFunction.run`` recorded (``compile.recording``), at shapes
+that take every branch the plugins take: both activation dtypes, causal or not, split or not,
+per-prefix states or not, every ``_align`` tile up to ``moe.ALIGN_MAX_PAIRS``. The C++ side
+(``csrc/triton_ops.cpp``) computes the same key for each launch and refuses a launch whose variant
+was not compiled into the library.
+
+Why not ``python -m triton.tools.compile``: its C launcher is written for a stand-alone program —
+it calls ``exit()`` on a driver error (inside TensorRT that kills the server), loads one module
+for device 0 only (a process with two GPUs needs one per context), and returns nothing for an
+empty grid. The cubins and the argument convention are Triton's (``triton.compile``; the launch
+passes the non-constexpr arguments in order, then the global and profile scratch pointers, as
+``backends/nvidia/driver.c`` does), the loader is ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .compile import META, Launch, compile_launch, recording
+
+PREFIX = "trtllm_twotower.plugins."
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def variant_key(launch: Launch) -> str:
+    """``module.kernel(types)[constexprs]wN``, e.g. ``norms._relu2_kernel(*bf16,*bf16,i32)[BLOCK=1024]w4``;
+    ``csrc/triton_launch.cpp`` (``Launch::key``) builds the same string."""
+    types = ",".join(t for _, t in launch.signature if t != "constexpr")
+    constexprs = ",".join(f"{name}={int(v) if isinstance(v, bool) else v}" for name, v in launch.constexprs)
+    return f"{launch.kernel.removeprefix(PREFIX)}({types})[{constexprs}]w{launch.num_warps}"
+
+
+def plugin_launches(cfg, dtypes=("bfloat16", "float32")) -> list[Launch]:
+    """Every distinct launch the plugins of ``cfg``'s engines can make, in first-seen order."""
+    from . import attention, mamba, moe, norms
+
+    D, H, KV, P = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    MH, MP, G, C, W = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.conv_dim, cfg.conv_kernel
+    E, I, k = cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    f32 = torch.float32
+
+    with recording() as calls:
+        for name in dtypes:
+            dtype = DTYPES[name]
+
+            def t(*shape, dtype=dtype):
+                return torch.empty(shape, dtype=dtype, device=META)
+
+            x = t(1, 2, D)
+            norms.rms_norm(x, t(D), 1e-5)
+            for first in (True, False):
+                norms.rms_norm(x, t(D), 1e-5, t(3, D), t(1, 3 * D), first)
+            norms.gated_residual(x, x, t(3, D), t(1, 3 * D))
+            norms.gated_rms_norm(t(1, 2, cfg.d_inner), t(1, 2, cfg.d_inner), t(cfg.d_inner), G, 1e-5)
+            moe.relu2(t(2, cfg.moe_shared_expert_intermediate_size))
+            moe.moe_route(t(2, D), t(E, D), t(E, dtype=f32), k, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+            tile = 0
+            for n in range(1, moe.ALIGN_MAX_PAIRS // k + 1):  # every power-of-two tile of the one-program sort
+                if n == 1 or (n * k - 1).bit_length() > tile:
+                    tile = (n * k - 1).bit_length()
+                    for shared in (None, t(n, D)):
+                        moe.moe_experts(t(n, D), t(n, k, dtype=torch.int64), t(n, k, dtype=f32), t(E, I, D),
+                                        t(E, D, I), shared)
+            for steps in (False, True):
+                mamba.seeded_mamba_scan(t(1, 2, C), t(1, 2, MH), t(C, W), t(C), t(MH, dtype=f32), t(MH, dtype=f32),
+                                        t(MH, dtype=f32), t(1, C, W), t(1, MH, MP, cfg.ssm_state_size, dtype=f32),
+                                        G, MP, steps)
+            for causal in (True, False):
+                for context in (0, 4096):  # one split, several
+                    cache = t(1, context + 16, KV, P)
+                    attention.block_attention(t(1, 16, H, P), t(1, 16, KV, P), t(1, 16, KV, P), cache, cache,
+                                              t(1, dtype=torch.int32), context, causal, False)
+    return list(dict.fromkeys(call.launch for call in calls))
+
+
+def constants_header() -> str:
+    from . import attention, mamba, moe
+
+    values = {"ATTENTION_BLOCK_M": attention.BLOCK_M, "ATTENTION_BLOCK_N": attention.BLOCK_N,
+              "ATTENTION_SPLIT_TARGET_PROGRAMS": attention.SPLIT_TARGET_PROGRAMS,
+              "ATTENTION_MIN_SPLIT_KEYS": attention.MIN_SPLIT_KEYS, "ATTENTION_MAX_SPLITS": attention.MAX_SPLITS,
+              "MOE_BLOCK_M": moe.BLOCK_M, "MOE_ALIGN_MAX_PAIRS": moe.ALIGN_MAX_PAIRS, "MAMBA_BLOCK_P": mamba.BLOCK_P}
+    lines = ["// Generated by trtllm_twotower.plugins.aot from the Python launchers' constants. Do not edit.",
+             "#pragma once", ""]
+    lines += [f"#define TWOTOWER_{name} {value}" for name, value in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _c_bytes(data: bytes) -> str:
+    return ",\n".join(",".join(str(b) for b in data[i:i + 40]) for i in range(0, len(data), 40))
+
+
+def variants_source(compiled: list[tuple[str, object]], banner: str) -> str:
+    """The C table of (key, cubin) for ``csrc/triton_launch.cpp``."""
+    parts = [f"// {banner}", "// Generated by trtllm_twotower.plugins.aot. Do not edit.",
+             '#include "triton_variants.h"', ""]
+    rows = []
+    for i, (key, kernel) in enumerate(compiled):
+        meta = kernel.metadata
+        for field, expected in (("num_ctas", 1), ("global_scratch_size", 0), ("profile_scratch_size", 0),
+                                ("launch_cooperative_grid", False), ("launch_pdl", False)):
+            if getattr(meta, field, expected) != expected:
+                raise RuntimeError(f"{key}: {field} = {getattr(meta, field)} is not supported by the plugin launcher")
+        cubin = kernel.asm["cubin"]
+        parts.append(f"static const unsigned char cubin_{i}[{len(cubin)}] = {{\n{_c_bytes(cubin)}}};")
+        rows.append(f'    {{"{key}", "{meta.name}", cubin_{i}, {len(cubin)}, {meta.shared}, {meta.num_warps}}},')
+    parts += ["", "const TwoTowerVariant twotower_variants[] = {", *rows, "};",
+              f"const int twotower_num_variants = {len(compiled)};", ""]
+    return "\n".join(parts)
+
+
+def write_aot(cfg, out: Path, arch: int = 90, dtypes=("bfloat16", "float32"), log=print) -> dict:
+    """Compile every plugin variant of ``cfg`` for sm_``arch`` and write the C sources into ``out``
+    (atomically: a temporary directory renamed into place)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("TRITON_INTERPRET is set: the interpreter replaces the kernels; unset it to compile")
+    target = GPUTarget("cuda", arch, 32)
+    compiled = []
+    for launch in plugin_launches(cfg, dtypes):
+        key = variant_key(launch)
+        compiled.append((key, compile_launch(launch, target)))
+        log(f"sm_{arch} {key}")
+    manifest = {"arch": arch, "triton": triton.__version__, "dtypes": list(dtypes), "config": cfg.to_dict(),
+                "variants": [key for key, _ in compiled]}
+    banner = f"triton {triton.__version__}, sm_{arch}, {len(compiled)} variants"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (staging / "triton_variants.c").write_text(variants_source(compiled, banner))
+        (staging / "triton_constants.h").write_text(constants_header())
+        (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Compile the Triton kernels of one model config ahead of time into "
+                                                 "C sources for the TensorRT plugin library.")
+    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[2] / "bench" / "real_config.json"),
+                        help="a config.json or a checkpoint directory (default: the real model's config)")
+    parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
+    parser.add_argument("--dtypes", default="bfloat16,float32", help="activation dtypes to compile for")
+    args = parser.parse_args(argv)
+    from ..config import load_config
+
+    dtypes = tuple(d.strip() for d in args.dtypes.split(",") if d.strip())
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if unknown or not dtypes:
+        parser.error(f"--dtypes: {', '.join(unknown) or 'none given'}; choose from {', '.join(DTYPES)}")
+    config = Path(args.config)
+    try:
+        cfg = load_config(config / "config.json" if config.is_dir() else config)
+        manifest = write_aot(cfg, Path(args.out), args.arch, dtypes)
+    except (OSError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{len(manifest['variants'])} kernel variants compiled for sm_{args.arch} into {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+// The table of Triton kernels compiled ahead of time (generated: triton_variants.c, by
+// `python -m trtllm_twotower.plugins.aot`). One row per kernel variant.
+#pragma once
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    const char* key;            // "module.kernel(arg types)[constexprs]wN" (aot.variant_key)
+    const char* function;       // the kernel's name in the cubin
+    const unsigned char* cubin;
+    unsigned long cubin_bytes;
+    unsigned int shared_bytes;  // dynamic shared memory of a launch
+    unsigned int num_warps;
+} TwoTowerVariant;
+
+extern const TwoTowerVariant twotower_variants[];
+extern const int twotower_num_variants;
+
+#ifdef __cplusplus
+}
+#endif
