@@ -49,16 +49,13 @@ def _count_syncs(run) -> int:
 def test_a_step_synchronises_once_on_cuda(demo_dir, monkeypatch, mode, kernels):
     """The CUDA twin of ``test_host_reads``: a denoiser step that completes no block, and an AR
     step, each make exactly one synchronising call (the completion flags; the AR tokens), with
-    the kernel library and with the torch references."""
+    the Triton kernels and with the torch references."""
     from test_host_reads import _rows
     from trtllm_twotower.runtime import lanes
 
     monkeypatch.setenv("TWOTOWER_KERNELS", kernels)
     if kernels == "on":
-        from trtllm_twotower.plugins import kernels as library
-
-        if not library.available():
-            pytest.skip("kernel library not built (trtllm_twotower/plugins/build.sh)")
+        pytest.importorskip("triton", reason="the kernels are Triton's: pip install triton")
     rt = TwoTowerRuntime.from_checkpoint(demo_dir, dtype="bfloat16", context_device="cuda:0", denoiser_device="cuda:0")
     cfg = rt.executor.cfg
     rows = _rows(mode, cfg, [0.0, 0.8, 0.0, 1.3], steps_per_block=4, threshold=1.0, gen=torch.Generator().manual_seed(4))
@@ -86,10 +83,7 @@ def test_cuda_graph_steps_match_eager(all_kinds_dir, monkeypatch, kernels):
 
     monkeypatch.setenv("TWOTOWER_KERNELS", kernels)
     if kernels == "on":
-        from trtllm_twotower.plugins import kernels as library
-
-        if not library.available():
-            pytest.skip("kernel library not built (trtllm_twotower/plugins/build.sh)")
+        pytest.importorskip("triton", reason="the kernels are Triton's: pip install triton")
     cuda = torch.device("cuda:0")
     cfg, ctx, den = load_towers(all_kinds_dir, torch.bfloat16, cuda)
     gen = torch.Generator().manual_seed(8)

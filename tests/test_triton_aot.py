@@ -49,32 +49,36 @@ class FakeLaunch(ctypes.Structure):
                 ("params", ctypes.c_uint64 * 64)]
 
 
+def _build(command) -> None:
+    built = subprocess.run([str(c) for c in command], capture_output=True, text=True)
+    assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-4000:]
+
+
 @pytest.fixture(scope="module")
-def library(tmp_path_factory):
-    """(plugin kernel library, fake driver), built for the demo model's config."""
+def generated(tmp_path_factory):
+    """``python -m trtllm_twotower.plugins.aot`` for the demo model's config (sm_90, both dtypes)."""
     if shutil.which("g++") is None or shutil.which("gcc") is None or not (CUDA_INCLUDE / "cuda.h").is_file():
         pytest.skip(f"g++/gcc or the CUDA headers ({CUDA_INCLUDE}/cuda.h) missing: cannot build the plugin kernels")
-    out = tmp_path_factory.mktemp("aot")
+    out = tmp_path_factory.mktemp("aot") / "generated"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "trtllm_twotower.plugins.aot", "--config", str(DEMO), "--out",
-                          str(out / "generated")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    run = subprocess.run([sys.executable, "-m", "trtllm_twotower.plugins.aot", "--config", str(DEMO), "--out", str(out)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    include = [f"-I{CSRC}", f"-I{out / 'generated'}", f"-I{CUDA_INCLUDE}"]
-    fake = out / "libfakecuda.so"
-    ops = out / "libtwotower_ops.so"
-    for command in (["gcc", "-O1", "-shared", "-fPIC", *include, str(ROOT / "tests" / "fake_cuda" / "fake_cuda.c"),
-                     "-o", str(fake)],
-                    ["gcc", "-O0", "-c", "-fPIC", *include, str(out / "generated" / "triton_variants.c"), "-o",
-                     str(out / "variants.o")],
-                    ["g++", "-O1", "-shared", "-fPIC", "-std=c++17", "-Wall", "-Wextra", "-Werror", *include,
-                     str(CSRC / "triton_launch.cpp"), str(CSRC / "triton_ops.cpp"), str(out / "variants.o"), "-o",
-                     str(ops)]):
-        built = subprocess.run(command, capture_output=True, text=True)
-        assert built.returncode == 0, built.stderr[-4000:]
-    driver = ctypes.CDLL(str(fake), mode=ctypes.RTLD_GLOBAL)  # resolves the library's cu* symbols
-    driver.fake_launch.restype = ctypes.POINTER(FakeLaunch)
-    driver.fake_function_image.restype = ctypes.c_void_p
-    lib = ctypes.CDLL(str(ops))
+    _build(["gcc", "-O0", "-c", "-fPIC", f"-I{CSRC}", f"-I{CUDA_INCLUDE}", out / "triton_variants.c", "-o",
+            out / "variants.o"])
+    return out
+
+
+def build_ops(generated: Path, name: str, link: list) -> Path:
+    """libtwotower_ops (triton_launch.cpp, triton_ops.cpp, the variants) linked with ``link``."""
+    library = generated.parent / name
+    _build(["g++", "-O1", "-shared", "-fPIC", "-std=c++17", "-Wall", "-Wextra", "-Werror", f"-I{CSRC}",
+            f"-I{generated}", f"-I{CUDA_INCLUDE}", CSRC / "triton_launch.cpp", CSRC / "triton_ops.cpp",
+            generated / "variants.o", "-o", library, *link])
+    return library
+
+
+def bind(lib):
     lib.twotower_launch.argtypes = [ctypes.c_char_p, ctypes.POINTER(TensorArg), ctypes.c_int,
                                     ctypes.POINTER(TensorArg), ctypes.c_int, ctypes.POINTER(ctypes.c_double),
                                     ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
@@ -84,7 +88,22 @@ def library(tmp_path_factory):
     lib.twotower_last_error.restype = ctypes.c_char_p
     lib.twotower_variant_key.restype = ctypes.c_char_p
     lib.twotower_variant_cubin.restype = ctypes.c_void_p
-    return lib, driver
+    return lib
+
+
+@pytest.fixture(scope="module")
+def library(generated):
+    """(plugin kernel library, fake driver): the library linked against the recording driver, and
+    bound to it first (RTLD_DEEPBIND), whatever libcuda the process has loaded."""
+    fake = generated.parent / "libfakecuda.so"
+    _build(["gcc", "-O1", "-shared", "-fPIC", f"-I{CUDA_INCLUDE}", "-Wl,-soname,libfakecuda.so",
+            ROOT / "tests" / "fake_cuda" / "fake_cuda.c", "-o", fake])
+    ops = build_ops(generated, "libtwotower_ops_fake.so", [f"-L{fake.parent}", "-lfakecuda",
+                                                           f"-Wl,-rpath,{fake.parent}"])
+    driver = ctypes.CDLL(str(fake))
+    driver.fake_launch.restype = ctypes.POINTER(FakeLaunch)
+    driver.fake_function_image.restype = ctypes.c_void_p
+    return bind(ctypes.CDLL(str(ops), mode=os.RTLD_DEEPBIND)), driver
 
 
 def _args(tensors, base: int):
@@ -331,3 +350,115 @@ def test_each_cuda_context_loads_its_own_modules(library):
         assert driver.fake_num_modules() == before + 1
     finally:
         driver.fake_set_context(ctypes.c_size_t(0x1000))
+
+
+def test_cmake_builds_the_kernel_library_from_the_generated_sources(generated, tmp_path):
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake not installed")
+    build = tmp_path / "build"
+    _build(["cmake", "-S", ROOT / "trtllm_twotower" / "plugins", "-B", build, f"-DTWOTOWER_AOT_DIR={generated}",
+            "-DTWOTOWER_BUILD_TRT_PLUGINS=OFF"])
+    _build(["cmake", "--build", build, "-j2"])
+    exported = subprocess.run(["nm", "-D", "--defined-only", str(build / "libtwotower_ops.so")], capture_output=True,
+                              text=True, check=True).stdout
+    for symbol in ("twotower_launch", "twotower_workspace_bytes", "twotower_error_string", "twotower_last_error",
+                   "twotower_variant_count"):
+        assert f" T {symbol}" in exported, symbol
+    # without the generated kernels, configuring fails with one message saying how to make them
+    missing = subprocess.run(["cmake", "-S", str(ROOT / "trtllm_twotower" / "plugins"), "-B", str(tmp_path / "b2"),
+                              f"-DTWOTOWER_AOT_DIR={tmp_path / 'nowhere'}"], capture_output=True, text=True)
+    assert missing.returncode != 0 and "python -m trtllm_twotower.plugins.aot" in missing.stderr
+
+
+def _tensorrt_include() -> Path | None:
+    for candidate in (os.environ.get("TENSORRT_INCLUDE_DIR"), "/usr/include/x86_64-linux-gnu", "/usr/include"):
+        if candidate and (Path(candidate) / "NvInferRuntime.h").is_file():
+            return Path(candidate)
+    return None
+
+
+def test_plugins_compile_against_the_tensorrt_headers(generated):
+    """The IPluginV3 plugins (plugins.cpp) against TensorRT's headers, warnings as errors. TensorRT
+    cannot be installed here: set TENSORRT_INCLUDE_DIR to the include/ of NVIDIA/TensorRT's
+    release/10.13 branch (what TensorRT-LLM 1.2 pins) to run it."""
+    include = _tensorrt_include()
+    if include is None:
+        pytest.skip("TensorRT headers not found (set TENSORRT_INCLUDE_DIR to TensorRT 10.13's include/)")
+    _build(["g++", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-fsyntax-only", "-isystem", include,
+            f"-I{CUDA_INCLUDE}", f"-I{CSRC}", f"-I{generated}", CSRC / "plugins.cpp"])
+
+
+def test_plugin_table_is_the_onnx_node_table(generated):
+    """Every ONNX node is a plugin of the library, with the node's attributes as its fields, and
+    every op the library launches is one of them."""
+    from trtllm_twotower.onnx_nodes import NODES
+
+    header = (generated / "plugin_nodes.h").read_text()
+    for node in NODES.values():
+        fields = ", ".join(f'"{name}"' for name, _ in node.attributes) or "0"
+        assert f'{{"{node.op_type}", "{node.op_type.removeprefix("TwoTower")}", ' in header
+        assert f"{{{fields}}}}}" in header.split(node.op_type)[1].splitlines()[0]
+    ops = {line.split('"')[1] for line in (CSRC / "triton_ops.cpp").read_text().splitlines()
+           if "if (op == \"" in line}
+    assert ops == {node.op_type.removeprefix("TwoTower") for node in NODES.values()}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_aot_kernels_on_the_gpu_equal_the_jit_kernels(generated):
+    """On a GPU: each op through the AOT library (the plugins' path) gives the Triton JIT kernels'
+    (the torch path's) outputs bit for bit: the same kernels, compiled ahead of time."""
+    ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
+    lib = bind(ctypes.CDLL(str(build_ops(generated, "libtwotower_ops_cuda.so", []))))
+    cuda = torch.device("cuda")
+    gen = torch.Generator().manual_seed(11)
+    D, H, KV, P = CFG.hidden_size, CFG.num_attention_heads, CFG.num_key_value_heads, CFG.head_dim
+    E, I, k = CFG.n_routed_experts, CFG.moe_intermediate_size, CFG.num_experts_per_tok
+    MH, MP, G, C, W = CFG.mamba_num_heads, CFG.mamba_head_dim, CFG.n_groups, CFG.conv_dim, CFG.conv_kernel
+    f32 = torch.float32
+    for dtype in DTYPES:
+        def r(*shape, dtype=dtype):
+            return rand(gen, *shape, dtype=dtype).to(cuda)
+
+        B, L, S = 2, 16, 1100
+        x = r(B, L, D)
+        ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(B * L)]).to(cuda)
+        lens = torch.tensor([700, 1084], dtype=torch.int32, device=cuda)
+        cases = [
+            ("RmsNorm", lambda a: norms.rms_norm(*a, 1e-5), [x, r(D)], [1e-5]),
+            ("ModulatedRmsNorm", lambda a: norms.rms_norm(a[0], a[1], 1e-5, a[2], a[3], False),
+             [x, r(D), r(3, D), r(B, 3 * D)], [1e-5, 0]),
+            ("GatedResidual", lambda a: norms.gated_residual(*a), [x, r(B, L, D), r(3, D), r(B, 3 * D)], []),
+            ("Relu2", lambda a: moe.relu2(*a), [x], []),
+            ("MoeRoute", lambda a: moe.moe_route(*a, k, True, 2.5), [x.reshape(-1, D), r(E, D), r(E, dtype=torch.float32)],
+             [k, 1, 2.5]),
+            ("MoeExperts", lambda a: moe.moe_experts(*a),
+             [x.reshape(-1, D), ids, torch.rand(B * L, k, generator=gen).to(cuda), r(E, I, D), r(E, D, I),
+              r(B * L, D)], []),
+            ("BlockAttention", lambda a: attention.block_attention(*a, S - L, True, False),
+             [r(B, L, H, P), r(B, L, KV, P), r(B, L, KV, P), r(B, S, KV, P), r(B, S, KV, P), lens], [H, KV, P, 1]),
+            ("SeededMambaScan", lambda a: mamba.seeded_mamba_scan(*a, G, MP, True),
+             [r(B, L, C), r(B, L, MH), r(C, W), r(C), r(MH, dtype=f32), r(MH, dtype=f32), r(MH, dtype=f32), r(B, C, W),
+              r(B, MH, MP, CFG.ssm_state_size, dtype=f32)], [G, MP, 1]),
+        ]
+        for op, jit, inputs, attributes in cases:
+            want = jit(inputs)
+            want = list(want) if isinstance(want, tuple) else [want]
+            got = [torch.empty_like(w) for w in want]
+            workspace_bytes = lib.twotower_workspace_bytes(op.encode(), _cuda_args(inputs), len(inputs),
+                                                           (ctypes.c_double * 4)(*attributes), len(attributes))
+            workspace = torch.empty(max(workspace_bytes, 1), dtype=torch.uint8, device=cuda)
+            code = lib.twotower_launch(op.encode(), _cuda_args(inputs), len(inputs), _cuda_args(got), len(got),
+                                       (ctypes.c_double * 4)(*attributes), len(attributes), workspace.data_ptr(),
+                                       workspace_bytes, torch.cuda.current_stream().cuda_stream)
+            assert code == 0, lib.twotower_last_error().decode()
+            torch.cuda.synchronize()
+            for g, w in zip(got, want):
+                assert torch.equal(g, w), (op, dtype)
+
+
+def _cuda_args(tensors):
+    array = _args(tensors, 0)
+    for i, t in enumerate(tensors):
+        array[i].data = t.data_ptr()
+    return array

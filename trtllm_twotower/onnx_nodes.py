@@ -27,6 +27,9 @@ class Node:
     inputs: tuple  # (name, "float" | "int32" | "int64")
     outputs: tuple
     attributes: tuple  # (name, FLOAT | INT)
+    fp32: tuple = ()  # the "float" inputs and outputs that are fp32 in every engine; the others take the
+    #                   activation dtype (fp32 or bf16), that of the first input
+    optional: tuple = ()  # trailing inputs that may be left out
 
 
 _F, _I32, _I64 = "float", "int32", "int64"
@@ -46,10 +49,10 @@ NODES = {
     "relu2": Node("TwoTowerRelu2", _floats("x"), _floats("y"), ()),
     "moe_route": Node("TwoTowerMoeRoute", _floats("x", "router", "correction_bias"),
                       (("expert_ids", _I64), ("expert_weights", _F)),
-                      (("top_k", INT), ("normalize", INT), ("scale", FLOAT))),
+                      (("top_k", INT), ("normalize", INT), ("scale", FLOAT)), fp32=("correction_bias", "expert_weights")),
     "moe_experts": Node("TwoTowerMoeExperts", (*_floats("x"), ("expert_ids", _I64), *_floats("expert_weights", "up",
                                                                                                "down", "shared")),
-                        _floats("out"), ()),
+                        _floats("out"), (), fp32=("expert_weights",), optional=("shared",)),
     "block_attention": Node("TwoTowerBlockAttention", (*_floats("q", "k", "v", "k_cache", "v_cache"),
                                                        ("cache_lens", _I32)), _floats("out"),
                             (("num_heads", INT), ("num_kv_heads", INT), ("head_dim", INT), ("causal", INT))),
@@ -57,7 +60,8 @@ NODES = {
                               _floats("xbc", "dt", "conv_weight", "conv_bias", "dt_bias", "A_log", "D", "conv_state",
                                       "ssm_state"),
                               _floats("y", "conv_state_out", "ssm_state_out", "conv_steps", "ssm_steps"),
-                              (("n_groups", INT), ("head_dim", INT), ("return_steps", INT))),
+                              (("n_groups", INT), ("head_dim", INT), ("return_steps", INT)),
+                              fp32=("dt_bias", "A_log", "D", "ssm_state", "ssm_state_out", "ssm_steps")),
 }
 
 
