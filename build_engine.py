@@ -189,7 +189,8 @@ def build_onnx(args, limits: BuildLimits) -> int:
     with atomic_directory(out) as tmp:
         graphs = onnx_export.export_towers(args.checkpoint, tmp, args.dtype)
         commands = onnx_engines.engine_commands(cfg, graphs, out, limits)
-        (tmp / "trt_build.sh").write_text(onnx_engines.build_script(commands, out))
+        config = Path(args.checkpoint) / "config.json" if Path(args.checkpoint).is_dir() else Path(args.checkpoint)
+        (tmp / "trt_build.sh").write_text(onnx_engines.build_script(commands, out, config))
         (tmp / "trt_build.sh").chmod(0o755)
         if tensorrt is not None and not args.no_build:
             onnx_engines.build_engines(cfg, graphs, tmp, limits)

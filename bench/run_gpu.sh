@@ -2,7 +2,7 @@
 # Everything a lent GPU session runs, in one device call of at most 9 minutes (the lease is 15
 # minutes of device time in all, machine start included), from a clean commit:
 #     TWOTOWER_COMMIT=<sha of HEAD here> bash bench/run_gpu.sh      (device run, timeout_s 600)
-# Stages in order of value, each with its own time limit (460 s together), each writing its file
+# Stages in order of value, each with its own time limit (540 s together), each writing its file
 # at once, so a stage that fails or runs long costs only itself. Files land in $OUT (the device
 # tool's folder; 8 files, the most that come back) or bench/results/gpu-<date>/; the last lines
 # printed are the summary (bench/gpu_summary.py, which also draws the README plot from them here).
@@ -33,7 +33,10 @@ stage kernels 60 python3 bench/bench_kernels.py --out "$out/kernels.json" --repe
 #    end to end per mode and transformers' greedy generate on the same weights
 layers=52; python3 -c "import torch,sys; sys.exit(torch.cuda.get_device_properties(0).total_memory < 135e9)" || layers=14
 stage towers 150 python3 bench/bench_towers.py --layers "$layers" --graphs --transformers --out "$out/towers.json"
-# 4. memory checker on the small kernel tests (last: the least likely to change a decision)
+# 4. the plugins' path: the same kernels compiled ahead of time (demo config), launched through the
+#    plugin library's C ABI, against the JIT kernels' outputs bit for bit
+stage aot 80 python3 -m pytest -q -p no:cacheprovider tests/test_triton_aot.py -m gpu; tail -3 "$out/aot.log"
+# 5. memory checker on the small kernel tests (last: the least likely to change a decision)
 stage sanitizer 30 compute-sanitizer --tool memcheck python3 -m pytest -q -p no:cacheprovider \
     tests/test_kernels_gpu.py -k "small or tiny"; tail -3 "$out/sanitizer.log"
 python3 bench/gpu_summary.py "$out"

@@ -214,6 +214,8 @@ def test_onnx_backend_refuses_bad_input(onnx_dir, all_kinds_dir, tmp_path):
 def test_build_engine_onnx_writes_the_engine_commands_and_refuses_bad_input(onnx_dir, demo, tmp_path, capsys):
     cfg, _ = demo
     script = (onnx_dir / "trt_build.sh").read_text()
+    build_plugins = next(line for line in script.splitlines() if line.startswith("bash "))
+    assert build_plugins.endswith(f"plugins/build.sh {(TRAINED_DEMO_DIR / 'config.json').resolve()}")
     for graph in GRAPHS:
         trtexec = next(line for line in script.splitlines()
                        if line.startswith(f"trtexec --onnx={onnx_dir}/{graph}.onnx"))

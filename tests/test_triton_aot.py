@@ -462,3 +462,18 @@ def _cuda_args(tensors):
     for i, t in enumerate(tensors):
         array[i].data = t.data_ptr()
     return array
+
+
+def test_the_plugin_library_refuses_another_models_config(generated, all_kinds_dir):
+    """Its kernels are compiled per config: engines of another model are refused before any build,
+    with one error saying how to rebuild."""
+    from trtllm_twotower.plugins.plugin_library import PluginLibraryError, check_config
+
+    manifest = check_config(CFG, "bfloat16", path=generated / "manifest.json")
+    assert manifest["arch"] == 90 and len(manifest["variants"]) > 20
+    with pytest.raises(PluginLibraryError, match="compiled for another model config .*plugins/build.sh CONFIG"):
+        check_config(load_config(all_kinds_dir), path=generated / "manifest.json")
+    with pytest.raises(PluginLibraryError, match="no float16 kernels"):
+        check_config(CFG, "float16", path=generated / "manifest.json")
+    with pytest.raises(PluginLibraryError, match="not found: build the plugin library"):
+        check_config(CFG, path=generated / "nowhere.json")

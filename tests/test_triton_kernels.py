@@ -120,6 +120,30 @@ def test_moe_alignment_kernel_equals_its_torch_form():
         assert rows_of_e == (ids == e).nonzero().flatten().tolist()
 
 
+def test_moe_alignment_drops_ids_outside_the_experts():
+    """Ids outside [0, E) (what TensorRT's tactic timing feeds a plugin: uninitialised memory) are
+    dropped as padding: the valid pairs are laid out exactly as without them, and no block is
+    given an expert outside [0, E)."""
+    gen = torch.Generator().manual_seed(16)
+    E, T = 10, 53
+    ids = torch.randint(0, E, (T,), generator=gen)
+    bad = torch.randperm(T, generator=gen)[:9]
+    garbage = ids.clone()
+    garbage[bad] = torch.tensor([-1, -(2**40), E, E + 7, 2**31, 2**33 + 2, -(2**31), 2**62, 3 - 2**32])
+    NB, rows = moe.align_capacity(T, E)
+    outs = []
+    for source in (garbage, ids.masked_fill(torch.isin(torch.arange(T), bad), E)):
+        sorted_pairs = torch.empty(rows, dtype=torch.int32, device=DEVICE)
+        block_expert = torch.empty(NB, dtype=torch.int32, device=DEVICE)
+        starts = torch.empty((2, E), dtype=torch.int32, device=DEVICE)
+        moe._align_kernel[(1,)](source.to(DEVICE), sorted_pairs, block_expert, starts, T, E, NB, BLOCK_T=64,
+                                BLOCK_E=16, BLOCK_M=moe.BLOCK_M)
+        outs.append((sorted_pairs.cpu(), block_expert.cpu()))
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert not set(outs[0][0].tolist()) & set(bad.tolist())
+    assert int(outs[0][1].max()) < E
+
+
 # ---- attention -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal,write", [(True, True), (False, False)])

@@ -63,11 +63,14 @@ def engine_commands(cfg: TwoTowerConfig, graphs: list[str], onnx_dir: Path, limi
     return commands
 
 
-def build_script(commands: list[list[str]], onnx_dir: Path) -> str:
-    """``trt_build.sh``: the trtexec commands (the polygraphy ones as comments: either route builds
-    the same engines)."""
-    lines = ["#!/usr/bin/env bash", "# Engines from the ONNX graphs (TensorRT 10.13 and a GPU; the plugin library",
-             "# built by trtllm_twotower/plugins/build.sh against the same TensorRT)", "set -euo pipefail",
+def build_script(commands: list[list[str]], onnx_dir: Path, config: Path) -> str:
+    """``trt_build.sh``: the plugin library for this model's config (its kernels compiled ahead of
+    time), then the trtexec commands (the polygraphy ones as comments: either route builds the same
+    engines)."""
+    plugins = Path(__file__).resolve().parent / "plugins" / "build.sh"
+    lines = ["#!/usr/bin/env bash", "# Engines from the ONNX graphs (TensorRT 10.13 and a GPU). The plugin library is built",
+             "# for this model's config against the same TensorRT (TENSORRT_ROOT, see build.sh).", "set -euo pipefail",
+             shlex.join(["bash", str(plugins), str(Path(config).resolve())]),
              f"mkdir -p {shlex.quote(str(onnx_dir / 'engines'))}"]
     for command in commands:
         line = shlex.join(command)
@@ -81,8 +84,9 @@ def build_engines(cfg: TwoTowerConfig, graphs: list[str], onnx_dir: Path, limits
     graph and the parser's errors (a missing plugin creator among them)."""
     import tensorrt as trt
 
-    from .plugins.plugin_library import load_trt_plugins
+    from .plugins.plugin_library import check_config, load_trt_plugins
 
+    check_config(cfg)  # its kernels were compiled for this model's shapes
     load_trt_plugins()
     logger = trt.Logger(trt.Logger.WARNING)
     (onnx_dir / "engines").mkdir(exist_ok=True)

@@ -8,11 +8,12 @@ docs/tensorrt.md (the table names the file each one was read in).
 
 The towers are the SAME functions as the torch backend (``network.towers`` / ``layers``) called with
 ``TrtOps``; each op maps to ``tensorrt_llm.functional`` or to one of this project's IPluginV3
-plugins (plugins/csrc/plugins.cpp):
+plugins (plugins/csrc/plugins.cpp, over the AOT-compiled Triton kernels of the torch path):
   block_attention -> TwoTowerBlockAttention (read-only; the context engine outputs the new K/V,
                      the runtime appends them to its caches),
   mamba_scan      -> TwoTowerSeededMambaScan,
-  moe_experts     -> TwoTowerMoeExperts (TensorRT-LLM 1.2's MoE plugin has no relu^2 activation),
+  moe_experts     -> TwoTowerMoeExperts (TensorRT-LLM 1.2's MoE plugin has no relu^2 activation;
+                     int64 ids, the shared expert's output added inside),
   moe_route       -> fp32 functional ops: TensorRT has no fp64 (the reference router is fp64);
                      measure the expert flip rate against ``TorchOps`` before trusting an engine.
 """
@@ -153,25 +154,26 @@ class TrtOps:
 
         if per_position:
             raise NotImplementedError("per-position states (speculative mode) are not part of the engines")
-        return seeded_mamba_scan_plugin(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state, ssm_state,
-                                        n_groups, head_dim, write_state=self.commit)
+        y, new_conv, new_ssm = seeded_mamba_scan_plugin(xbc, dt, conv_weight, conv_bias, dt_bias, A_log, D, conv_state,
+                                                        ssm_state, n_groups, head_dim)
+        return (y, new_conv, new_ssm) if self.commit else (y, None, None)
 
     def moe_route(self, x, router, correction_bias, top_k, normalize, scale):
-        """fp32 router (TensorRT has no fp64): x [B, L, D] -> ids [B*L, k] int32, weights [B*L, k] fp32."""
+        """fp32 router (TensorRT has no fp64): x [B, L, D] -> ids [B*L, k] int64, weights [B*L, k] fp32."""
         flat = x.view(F.concat([F.shape(x, 0) * F.shape(x, 1), self.cfg.hidden_size]))  # [n, D]
         scores = F.sigmoid(F.matmul(F.cast(flat, "float32"), F.cast(router, "float32"), transb=True))  # [n, E]
         _, idx = F.topk(scores + correction_bias, top_k, dim=1, prefer_plugin=False)  # TensorRT's own top-k
         w = F.gather(scores, dim=1, indices=idx)
         if normalize:
             w = w / (F.sum(w, dim=1, keepdim=True) + 1e-20)
-        return idx, w * scale
+        return F.cast(idx, "int64"), w * scale  # the experts plugin takes int64 ids, as the torch ops
 
     def moe_experts(self, x, idx, weights, up, down, shared=None):
         from ..plugins.trt_layers import moe_experts_plugin
 
-        flat = x.view(F.concat([F.shape(x, 0) * F.shape(x, 1), self.cfg.hidden_size]))  # [n, D]
-        routed = moe_experts_plugin(flat, idx, weights, up, down).view(F.shape(x))
-        return routed if shared is None else routed + shared
+        rows = F.concat([F.shape(x, 0) * F.shape(x, 1), self.cfg.hidden_size])
+        shared = None if shared is None else shared.view(rows)  # added inside the plugin
+        return moe_experts_plugin(x.view(rows), idx, weights, up, down, shared).view(F.shape(x))
 
 
 def _np():
@@ -233,6 +235,7 @@ def build_engines(checkpoints: dict, out_dir: Path, cfg, limits, workers: int = 
     from ..engine_io import write_manifest
     from ..plugins import plugin_library
 
+    plugin_library.check_config(cfg)  # its kernels were compiled for this model's shapes
     plugin_lib = plugin_library.load_trt_plugins()  # registers the twotower creators
     for tower, ckpt in checkpoints.items():
         model = MODEL_CLASSES[tower].from_checkpoint(str(ckpt))

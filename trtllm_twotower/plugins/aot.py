@@ -204,9 +204,8 @@ def main(argv=None) -> int:
     unknown = [d for d in dtypes if d not in DTYPES]
     if unknown or not dtypes:
         parser.error(f"--dtypes: {', '.join(unknown) or 'none given'}; choose from {', '.join(DTYPES)}")
-    config = Path(args.config)
     try:
-        cfg = load_config(config / "config.json" if config.is_dir() else config)
+        cfg = load_config(args.config)
         manifest = write_aot(cfg, Path(args.out), args.arch, dtypes)
     except (OSError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -120,7 +120,10 @@ def _align_kernel(ids_ptr, sorted_ptr, block_expert_ptr, starts_ptr, T, E, NB,
     """One program. ids [T] -> sorted [NB*BLOCK_M] (pair index, -1 for padding), block_expert [NB]
     (the expert of each block, -1 past the used blocks). starts [2, E] int32 is scratch."""
     pairs = tl.arange(0, BLOCK_T)
-    ids = tl.load(ids_ptr + pairs, mask=pairs < T, other=E).to(tl.int32)  # padding sorts after every expert
+    ids = tl.load(ids_ptr + pairs, mask=pairs < T, other=E)
+    # padding, and any id outside [0, E) (TensorRT times plugins on uninitialised inputs), sorts after
+    # every expert and is dropped: no expert's kernel ever indexes with it
+    ids = tl.where((ids >= 0) & (ids < E), ids, E).to(tl.int32)
     experts = tl.arange(0, BLOCK_E)
     e_ok = experts < E
     counts = tl.where(e_ok, tl.histogram(ids, BLOCK_E), 0)  # bin E (the padding) dropped

@@ -56,6 +56,7 @@ class TrtExecutor(RowStates):
 
         from ..plugins import plugin_library
 
+        plugin_library.check_config(cfg)  # its kernels were compiled for this model's shapes
         plugin_library.load_trt_plugins()  # before deserialising: the engines contain our plugins
         sessions = {}
         for tower, device in ((CONTEXT, context_device), (DENOISER, denoiser_device)):
