@@ -181,11 +181,8 @@ def expected_launches(launcher, inputs, outputs_of, *extra):
     return expected, outputs
 
 
-def compare(library, op, launcher, inputs, attributes, outputs_of=lambda r: list(r) if isinstance(r, tuple) else [r],
-            extra=()):
-    expected, outputs = expected_launches(launcher, inputs, outputs_of, *extra)
-    code, got = launch_library(library, op, inputs, outputs, attributes)
-    assert code == 0, library[0].twotower_last_error().decode()
+def check_launches(got, expected):
+    """The recorded launches of the library = the Python launcher's, one by one."""
     assert len(got) == len(expected), ([k for k, *_ in got], [k for k, *_ in expected])
     sizes = {"workspace": 1 << 40}
     for (key, grid, block, params), (want_key, want_grid, want_block, want_params) in zip(got, expected):
@@ -204,6 +201,17 @@ def compare(library, op, launcher, inputs, attributes, outputs_of=lambda r: list
                 decoded.append(np.uint64(raw).view(np.int64).item())
         assert len(params) == len(types) + 2 and params[-2:] == [0, 0], key  # + Triton's two scratch pointers
         assert decoded == want_params, key
+
+
+def _outputs(result):
+    return list(result) if isinstance(result, tuple) else [result]
+
+
+def compare(library, op, launcher, inputs, attributes, outputs_of=_outputs, extra=()):
+    expected, outputs = expected_launches(launcher, inputs, outputs_of, *extra)
+    code, got = launch_library(library, op, inputs, outputs, attributes)
+    assert code == 0, library[0].twotower_last_error().decode()
+    check_launches(got, expected)
     return got
 
 
@@ -477,3 +485,115 @@ def test_the_plugin_library_refuses_another_models_config(generated, all_kinds_d
         check_config(CFG, "float16", path=generated / "manifest.json")
     with pytest.raises(PluginLibraryError, match="not found: build the plugin library"):
         check_config(CFG, path=generated / "nowhere.json")
+
+
+# ---- the plugins under a TensorRT stand-in ----------------------------------------------------------
+TRT_TYPES = {torch.float32: 0, torch.float16: 1, torch.int32: 3, torch.bfloat16: 7, torch.int64: 8}
+
+
+@pytest.fixture(scope="module")
+def plugin_harness(generated, library):
+    """plugins.cpp + the kernels' C ABI + tests/fake_tensorrt/plugin_harness.cpp (TensorRT's
+    registry, expression builder and build/run calls), over the recording driver."""
+    include = _tensorrt_include()
+    if include is None:
+        pytest.skip("TensorRT headers not found (set TENSORRT_INCLUDE_DIR to TensorRT 10.13's include/)")
+    fake = generated.parent / "libfakecuda.so"  # built by ``library``: the same driver object
+    harness = generated.parent / "libplugin_harness.so"
+    _build(["g++", "-O1", "-shared", "-fPIC", "-std=c++17", "-Wall", "-Wextra", "-Werror", "-isystem", include,
+            f"-I{CSRC}", f"-I{generated}", f"-I{CUDA_INCLUDE}", CSRC / "plugins.cpp", CSRC / "triton_launch.cpp",
+            CSRC / "triton_ops.cpp", ROOT / "tests" / "fake_tensorrt" / "plugin_harness.cpp", generated / "variants.o",
+            "-o", harness, f"-L{fake.parent}", "-lfakecuda", f"-Wl,-rpath,{fake.parent}"])
+    lib = bind(ctypes.CDLL(str(harness), mode=os.RTLD_DEEPBIND))
+    lib.harness_creator.restype = ctypes.c_char_p
+    return lib, library[1]
+
+
+def node_cases(dtype, gen):
+    """(node, Python launcher, inputs, attributes in the node's order) for every ONNX node."""
+    D, H, KV, P = CFG.hidden_size, CFG.num_attention_heads, CFG.num_key_value_heads, CFG.head_dim
+    E, I, k = CFG.n_routed_experts, CFG.moe_intermediate_size, CFG.num_experts_per_tok
+    MH, MP, G, C, W = CFG.mamba_num_heads, CFG.mamba_head_dim, CFG.n_groups, CFG.conv_dim, CFG.conv_kernel
+    B, L, S, f32 = 2, 16, 1500, torch.float32
+    n = B * L
+
+    def r(*shape, dtype=dtype):
+        return rand(gen, *shape, dtype=dtype)
+
+    x = r(B, L, D)
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(n)])
+    scan_in = [r(B, L, C), r(B, L, MH), r(C, W), r(C), r(MH, dtype=f32), r(MH, dtype=f32), r(MH, dtype=f32),
+               r(B, C, W), r(B, MH, MP, CFG.ssm_state_size, dtype=f32)]
+    return [
+        ("rms_norm", lambda *a: norms.rms_norm(*a, 1e-5), [x, r(D)], [1e-5]),
+        ("modulated_rms_norm", lambda x, w, t, m: norms.rms_norm(x, w, 1e-5, t, m, True),
+         [x, r(D), r(3, D), r(B, 3 * D)], [1e-5, 1]),
+        ("gated_residual", norms.gated_residual, [x, r(B, L, D), r(3, D), r(B, 3 * D)], []),
+        ("gated_rms_norm", lambda *a: norms.gated_rms_norm(*a, G, 1e-5),
+         [r(B, L, CFG.d_inner), r(B, L, CFG.d_inner), r(CFG.d_inner)], [G, 1e-5]),
+        ("relu2", moe.relu2, [r(n, CFG.moe_shared_expert_intermediate_size)], []),
+        ("moe_route", lambda *a: moe.moe_route(*a, k, True, 2.5), [r(n, D), r(E, D), r(E, dtype=f32)], [k, 1, 2.5]),
+        ("moe_experts", moe.moe_experts, [r(n, D), ids, torch.rand(n, k, generator=gen), r(E, I, D), r(E, D, I),
+                                          r(n, D)], []),
+        ("block_attention", lambda *a: attention.block_attention(*a, S - L, False, False),
+         [r(B, L, H, P), r(B, L, KV, P), r(B, L, KV, P), r(B, S, KV, P), r(B, S, KV, P),
+          torch.tensor([S - L, 3], dtype=torch.int32)], [H, KV, P, 0]),
+        ("seeded_mamba_scan", lambda *a: mamba.seeded_mamba_scan(*a, G, MP, True), scan_in, [G, MP, 1]),
+        ("seeded_mamba_scan", lambda *a: mamba.seeded_mamba_scan(*a, G, MP, False), scan_in, [G, MP, 0]),
+    ]
+
+
+def harness_run(harness, node, inputs, attributes, expected_outputs):
+    lib, driver = harness
+    nf, ni, no = len(node.attributes), len(inputs), len(expected_outputs)
+    names = (ctypes.c_char_p * max(nf, 1))(*[name.encode() for name, _ in node.attributes])
+    is_float = (ctypes.c_int * max(nf, 1))(*[kind == "float" for _, kind in node.attributes])
+    values = (ctypes.c_double * max(nf, 1))(*attributes)
+    in_types = (ctypes.c_int * ni)(*[TRT_TYPES[t.dtype] for t in inputs])
+    in_ndims = (ctypes.c_int * ni)(*[t.dim() for t in inputs])
+    in_dims = (ctypes.c_int64 * (8 * ni))()
+    for i, t in enumerate(inputs):
+        for d, size in enumerate(t.shape):
+            in_dims[8 * i + d] = size
+    in_ptrs = (ctypes.c_ulonglong * ni)(*[0 if t.numel() == 0 else INPUTS + i * REGION for i, t in enumerate(inputs)])
+    out_ptrs = (ctypes.c_ulonglong * 8)(*[0 if t.numel() == 0 else OUTPUTS + j * REGION
+                                         for j, t in enumerate(expected_outputs)])
+    num_out, out_types, out_ndims, out_dims = ctypes.c_int(), (ctypes.c_int * 8)(), (ctypes.c_int * 8)(), (ctypes.c_int64 * 64)()
+    workspace_bytes, bad = ctypes.c_ulonglong(), ctypes.c_int(-1)
+    driver.fake_reset()
+    code = lib.harness_run(node.op_type.encode(), nf, names, is_float, values, ni, in_types, in_ndims, in_dims, in_ptrs,
+                           ctypes.byref(num_out), out_types, out_ndims, out_dims, out_ptrs, ctypes.c_ulonglong(WORKSPACE),
+                           ctypes.byref(workspace_bytes), ctypes.byref(bad))
+    assert code == 0, (node.op_type, code, bad.value, lib.twotower_last_error().decode())
+    assert num_out.value == no, node.op_type
+    shapes = [tuple(out_dims[8 * j: 8 * j + out_ndims[j]]) for j in range(no)]
+    cubins = {lib.twotower_variant_cubin(i): lib.twotower_variant_key(i).decode() for i in range(lib.twotower_variant_count())}
+    launches = []
+    for i in range(driver.fake_num_launches()):
+        record = driver.fake_launch(i).contents
+        launches.append((cubins[driver.fake_function_image(record.function)], tuple(record.grid), tuple(record.block),
+                         list(record.params[:record.num_params])))
+    return [out_types[j] for j in range(no)], shapes, workspace_bytes.value, launches
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_plugins_under_a_tensorrt_stand_in_launch_as_the_python_launchers(plugin_harness, dtype):
+    """Each node as TensorRT drives its plugin (ONNX-parser fields, shapes through the expression
+    builder, formats, workspace, serialised and recreated, enqueue): the output types and shapes
+    are the torch ops', and the launches are the Python launcher's."""
+    from trtllm_twotower.onnx_nodes import NODES
+
+    lib = plugin_harness[0]
+    ns = ctypes.c_char_p()
+    registered = {(lib.harness_creator(i, ctypes.byref(ns)).decode(), ns.value.decode())
+                  for i in range(lib.harness_num_creators())}
+    assert registered == {(node.op_type, "twotower") for node in NODES.values()}
+    gen = torch.Generator().manual_seed(21)
+    for name, launcher, inputs, attributes in node_cases(dtype, gen):
+        expected, outputs = expected_launches(launcher, inputs, _outputs)
+        types, shapes, workspace, launches = harness_run(plugin_harness, NODES[name], inputs, attributes, outputs)
+        assert types == [TRT_TYPES[t.dtype] for t in outputs], name
+        assert shapes == [tuple(t.shape) if t.numel() else (0,) for t in outputs], name
+        check_launches(launches, expected)
+        if name == "block_attention":
+            assert workspace > 0 and len(launches) == 2  # a long cache: split, with its partials in the workspace
