@@ -514,7 +514,6 @@ class SpeculativeLane(BlockLane):
         self._keep(survivors)
         self._finish_on_pending(going)
 
-
     def _verified_logprobs(self, done: list[int], drafts: torch.Tensor, logits: torch.Tensor,
                            verdict: sampler.Verdict) -> dict[int, list[TokenLogprob]] | None:
         """The kept tokens' entries of the rows at ``done`` that ask: the pending token's, then each

@@ -157,7 +157,8 @@ def read_logprobs(values: torch.Tensor, ids: torch.Tensor, counts: list[int]) ->
             for row_values, row_ids, n in zip(values, ids, counts)]
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature, counts: list[int]) -> list[list[TokenLogprob]]:
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature,
+                   counts: list[int]) -> list[list[TokenLogprob]]:
     """``read_logprobs(*logprob_tables(...))``: logits [B, n, V], tokens [B, n] -> [B][n] entries."""
     return read_logprobs(*logprob_tables(logits, tokens, temperature), counts)
 

@@ -40,10 +40,10 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..runtime.scheduler import ClosedError, QueueFullError
-from .metrics import ServingMetrics, outcome_of_status
 from ..runtime.sampler import MAX_TOP_LOGPROBS
+from ..runtime.scheduler import ClosedError, QueueFullError
 from .logprobs import RowLogprobs, TokenNames, chat_logprobs, completion_logprobs
+from .metrics import ServingMetrics, outcome_of_status
 from .playground import add_playground
 from .request_body import BodyError, parse_object, read_limited
 
