@@ -150,7 +150,7 @@ def test_stop_strings_end_a_row_at_the_first_match(client, runtime, mode):
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(prompt="x", stop=["a", "b", "c", "d", "e"]), "stop: expected a string or a list of 1 to 4"),
-    (dict(prompt="x", logprobs=2), "logprobs: not supported"),
+    (dict(prompt="x", extra_body={"echo": True}), "echo: not supported"),
     (dict(prompt="x", temperature=-1), "temperature"),
     (dict(prompt="x", extra_body={"block_size": 1000}), "block_size: must be <= 64"),
     (dict(prompt="x", extra_body={"mode": "beam"}), "mode: expected one of"),

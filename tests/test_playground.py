@@ -124,11 +124,25 @@ def test_the_event_stream_is_the_runtimes_on_step(server):
     assert result["forwards_per_token"] == pytest.approx(alone.stats["forwards_per_token"])
 
 
+def test_events_carry_logprobs_when_asked(server):
+    body = {"prompt": PROMPT, "max_tokens": 12, "mode": "ar", "temperature": 0, "logprobs": 3}
+    status, text = post(server + "/v1/playground/events", body)
+    assert status == 200
+    events = [json.loads(f[len("data: "):]) for f in text.split("\n\n")[:-2]]
+    tokens = [e for e in events if e["type"] == "token"]
+    runtime = TwoTowerRuntime.from_checkpoint(TRAINED_DEMO_DIR, dtype="float32")
+    alone = runtime.generate([PROMPT], max_new_tokens=12, mode="ar", temperature=0.0, logprobs=3)
+    got = [x for e in tokens for x in e["logprobs"]]
+    assert [x["logprob"] for x in got] == pytest.approx([e.logprob for e in alone.logprobs[0]], abs=1e-5)
+    assert [[i for i, _ in x["top"]] for x in got] == [[i for i, _ in e.top] for e in alone.logprobs[0]]
+
+
 @pytest.mark.parametrize("body, message", [
     ({"prompt": PROMPT, "block_size": 1000}, "block_size: must be <= 64"),
     ({"prompt": PROMPT, "steps_per_block": None}, "steps_per_block: expected an integer, got None"),
     ({"prompt": PROMPT, "stream": True}, "unknown field(s) 'stream'"),
-    ({"prompt": PROMPT, "logprobs": 2}, "logprobs: not supported"),
+    ({"prompt": PROMPT, "echo": True}, "echo: not supported"),
+    ({"prompt": PROMPT, "logprobs": 9}, "logprobs: expected an integer in [0, 5]"),
     ({"prompt": {"text": PROMPT}}, "prompts[0]: expected a string or a list of ints"),
     ({"prompt": [5, 9999]}, "outside the vocabulary"),
 ])

@@ -2,5 +2,6 @@
 
 from .api import BlockEvent, GenerationResult, PreparedRequest, TwoTowerRuntime
 from .lanes import StepEvent
+from .sampler import TokenLogprob
 
-__all__ = ["BlockEvent", "GenerationResult", "PreparedRequest", "StepEvent", "TwoTowerRuntime"]
+__all__ = ["BlockEvent", "GenerationResult", "PreparedRequest", "StepEvent", "TokenLogprob", "TwoTowerRuntime"]

@@ -35,6 +35,7 @@ class BlockEvent:
     token_ids: list[int]
     text: str
     finished: bool
+    logprobs: list[sampler.TokenLogprob] | None = None  # one per token id, when the request asked
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)  # forwards of both towers; speculative acceptance
     finish_reasons: list[str] = field(default_factory=list)  # per row: "stop" (EOS or a stop string), "length",
     # "cancelled"
+    logprobs: list[list[sampler.TokenLogprob]] | None = None  # per row, one per output id (None: not asked)
 
 
 def default_devices() -> tuple[str, str]:
@@ -277,14 +279,14 @@ class TwoTowerRuntime:
                 steps_per_block: int = 16, confidence_threshold: float = 0.8, temperature: float = 0.0,
                 top_k: int = 0, top_p: float = 1.0, seed: int | Sequence[int] = 0,
                 eos_token_id: int | None = -1, mask_token_id: int | None = None,
-                stop: str | Sequence[str] | None = None) -> "PreparedRequest":
+                stop: str | Sequence[str] | None = None, logprobs: int | None = None) -> "PreparedRequest":
         """Validate and tokenize; raises ValueError naming the bad parameter. See ``generate``."""
         stop = self._stop_strings(stop)
         prompt_ids = self._prompt_ids(prompts)
         eos = self.cfg.eos_token_id if eos_token_id == -1 else eos_token_id
         mask = self.cfg.mask_token_id if mask_token_id is None else mask_token_id
         settings = sampler.SamplerSettings(max_new_tokens, block_size, steps_per_block, confidence_threshold,
-                                           temperature, top_k, top_p, mask, eos)
+                                           temperature, top_k, top_p, mask, eos, logprobs)
         self._validate(mode, settings, prompt_ids)
         seeds = [seed] * len(prompt_ids) if isinstance(seed, int) and not isinstance(seed, bool) else seed
         if (not isinstance(seeds, Sequence) or len(seeds) != len(prompt_ids)
@@ -311,6 +313,7 @@ class TwoTowerRuntime:
         ``result(ticket)``). ``on_block``, ``on_step`` and ``on_done`` run on the scheduler's thread."""
         stream = _TextStream(self.tokenizer, len(request.prompt_ids), request.stop)
         ticket = TextTicket(on_done, request.stop)
+        asked = request.settings.logprobs is not None
         if on_block is not None or request.stop:
             def on_event(row: int, tokens: list[int], finished: bool) -> None:
                 before = len(stream.tokens[row])
@@ -321,7 +324,9 @@ class TwoTowerRuntime:
                 elif row in ticket.stopped:
                     tokens = []
                 if on_block is not None:
-                    on_block(BlockEvent(row, tokens, text, finished or row in ticket.stopped))
+                    # the row's output so far ends with these tokens: their entries are the last ones
+                    logprobs = ticket.rows[row].out.logprobs[before: before + len(tokens)] if asked else None
+                    on_block(BlockEvent(row, tokens, text, finished or row in ticket.stopped, logprobs))
 
             ticket.on_event = on_event
         return self.scheduler.submit(request.mode, request.prompt_ids, request.settings, request.seeds,
@@ -333,6 +338,8 @@ class TwoTowerRuntime:
             raise ticket.error
         outs = [r.out for r in ticket.rows]
         tokens = [o.tokens[: ticket.stopped.get(i, len(o.tokens))] for i, o in enumerate(outs)]
+        logprobs = None if ticket.rows[0].settings.logprobs is None else \
+            [o.logprobs[: len(t)] for o, t in zip(outs, tokens)]
         steps = [o.steps for o in outs]
         generated = sum(map(len, tokens))
         den, ctx = sum(o.denoiser_forwards for o in outs), sum(o.context_forwards for o in outs)
@@ -354,7 +361,7 @@ class TwoTowerRuntime:
         for i in ticket.stopped:  # only a TextTicket stops rows
             text[i] = text[i][: min(j for j in (text[i].find(s) for s in ticket.stop) if j >= 0)]
         return GenerationResult(
-            output_ids=tokens, text=text, finish_reasons=reasons,
+            output_ids=tokens, text=text, finish_reasons=reasons, logprobs=logprobs,
             nfe=max(steps), nfe_per_row=steps, tokens_per_step=generated / max(1, sum(steps)),
             seconds=(ticket.finished or time.perf_counter()) - ticket.submitted, stats=stats)
 
@@ -371,7 +378,7 @@ class TwoTowerRuntime:
                  eos_token_id: int | None = -1, mask_token_id: int | None = None,
                  on_block: Callable[[BlockEvent], None] | None = None,
                  on_step: Callable[[StepEvent], None] | None = None,
-                 stop: str | Sequence[str] | None = None) -> GenerationResult:
+                 stop: str | Sequence[str] | None = None, logprobs: int | None = None) -> GenerationResult:
         """Generate for one prompt or a batch. ``eos_token_id=-1`` (default) takes the checkpoint's;
         None never stops early. ``seed``: one for every row, or one per row (each row has its own
         generator, so a row's tokens do not depend on the rest of the batch). ``on_block`` receives
@@ -381,9 +388,16 @@ class TwoTowerRuntime:
         corrected token), each AR / mock-AR token. Without it nothing extra is read back from the
         device; with it a step reads its commits back (a few small reads per step). ``stop``: a row
         ends at the first of these strings in its text (checked as its tokens are committed, in
-        every mode); its text stops before it, its ids at the token that completed it."""
+        every mode); its text stops before it, its ids at the token that completed it.
+        ``logprobs``: None (default) computes none; N in 0..20 gives ``result.logprobs``, one
+        ``TokenLogprob`` per output id (and in ``on_block`` / ``on_step`` events): the token's
+        log-probability and the N most likely tokens under log_softmax(logits / T), T the
+        temperature (1 when greedy), before top_k / top_p, of the forward that chose it: AR and
+        mock-AR their own forward, speculative the AR distribution at that position (the context
+        tower's verifying logits), diffusion the denoiser step that committed it (mask token
+        excluded). The tokens are the same with and without."""
         request = self.prepare(prompts, max_new_tokens, mode, block_size, steps_per_block, confidence_threshold,
-                               temperature, top_k, top_p, seed, eos_token_id, mask_token_id, stop)
+                               temperature, top_k, top_p, seed, eos_token_id, mask_token_id, stop, logprobs)
         return self.run(request, on_block, on_step)
 
     def _validate(self, mode: str, s: sampler.SamplerSettings, prompt_ids: list[list[int]]) -> None:
@@ -409,6 +423,11 @@ class TwoTowerRuntime:
                              f"must be >= 2, got {s.block_size}")
         if s.top_k < 0:
             raise ValueError(f"top_k: must be >= 0 (0 = off), got {s.top_k}")
+        top = sampler.MAX_TOP_LOGPROBS
+        if s.logprobs is not None and (isinstance(s.logprobs, bool) or not isinstance(s.logprobs, int)
+                                       or not 0 <= s.logprobs <= top):
+            raise ValueError(f"logprobs: expected None or an integer in [0, {top}] (alternatives per token), "
+                             f"got {s.logprobs!r}")
         for name, value, lo, hi in (("confidence_threshold", s.confidence_threshold, 0.0, 1.0),
                                     ("top_p", s.top_p, 0.0, 1.0)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:

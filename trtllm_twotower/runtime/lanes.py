@@ -14,6 +14,13 @@ takes exactly the steps it would take alone, so its tokens do not depend on the 
 
 A row with an ``on_step`` listener also reports what every forward did to it (``StepEvent``). Only
 listened steps read those commits back from the device; a batch without listeners reads nothing more.
+A row whose settings ask for ``logprobs`` gets each committed token's ``TokenLogprob`` (its
+log-probability and most likely alternatives) beside it in ``RowOutput.logprobs`` and its events,
+under the distribution of the forward that chose it: AR and mock-AR the token's own forward;
+speculative the context tower's logits at the token's position in the verifying extend (the AR
+distribution the output follows; the pending token's from the forward that drew it); diffusion the
+denoiser step that committed it. Only those rows compute and read them; they draw nothing, so no
+token changes.
 
 Modes (spec §7): diffusion (§7.1), speculative (the exact AR output from drafted blocks), AR
 (§7.4), mock-AR (§7.5).
@@ -21,14 +28,14 @@ Modes (spec §7): diffusion (§7.1), speculative (the exact AR output from draft
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
 from ..devices import upload
 from . import sampler
-from .sampler import SamplerSettings
+from .sampler import SamplerSettings, TokenLogprob
 
 MODES = ("diffusion", "speculative", "mock-ar", "ar")
 # Speculative drafts commit by the probability of the most likely token, which does not depend on
@@ -53,7 +60,8 @@ class StepEvent:
     that token alone: a last "block" event with ``tokens`` = [it] and ``accepted`` None.
     kind "token" (AR, mock-AR): the forward's one token, ``block`` its index in the output, ``step``
     the row's forward count before it, ``positions`` [0], ``confidences`` its temperature-1 probability.
-    Concatenated, the "block" and "token" events' ``tokens`` are the row's output.
+    Concatenated, the "block" and "token" events' ``tokens`` are the row's output. ``logprobs``: on
+    "block" and "token" events of a row that asked for them, one ``TokenLogprob`` per token.
     """
 
     row: int  # the row's place in its request
@@ -65,11 +73,13 @@ class StepEvent:
     confidences: list[float]
     accepted: int | None = None
     corrected: int | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
 class RowOutput:
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token when the row asks for them
     blocks: int = 0  # blocks completed (block modes)
     steps: int = 0  # forwards that produced this row's tokens (denoiser steps in diffusion; see ``nfe``)
     denoiser_forwards: int = 0
@@ -101,6 +111,7 @@ class Row:
     cancelled: bool = False
     draft_gen: torch.Generator | None = None  # draws on the denoiser's device (diffusion, mock-AR)
     ar_gen: torch.Generator | None = None  # draws on the context device (AR, speculative verification)
+    pending_logprob: TokenLogprob | None = None  # speculative, a row asking for logprobs: its pending token's
 
     def leave_cancelled(self) -> None:
         """The row leaves because it was cancelled: its last event, with no new tokens."""
@@ -128,14 +139,17 @@ def verify_seed(seed: int) -> int:
     return (seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % (1 << 63)
 
 
-def append_tokens(row: Row, tokens: list[int]) -> list[int]:
-    """Add a row's new tokens, truncated at EOS (kept) and at max_new_tokens; returns those kept."""
+def append_tokens(row: Row, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> list[int]:
+    """Add a row's new tokens (and their ``logprobs``, one per token), truncated at EOS (kept) and
+    at max_new_tokens; returns those kept."""
     s = row.settings
     kept = tokens[: s.max_new_tokens - len(row.out.tokens)]
     if s.eos_token_id is not None and s.eos_token_id in kept:
         kept = kept[: kept.index(s.eos_token_id) + 1]
         row.out.finished = True
     row.out.tokens.extend(kept)
+    if logprobs is not None:
+        row.out.logprobs.extend(logprobs[: len(kept)])
     if len(row.out.tokens) >= s.max_new_tokens:
         row.out.finished = True
     return kept
@@ -225,15 +239,24 @@ class Lane:
         return [getattr(self.rows[i].settings, name) for i in (range(len(self.rows)) if rows is None else rows)]
 
     def _emit(self, indices: list[int], tokens_per_row: list[list[int]],
-              event: Callable[[int, Row, list[int]], StepEvent] | None = None) -> None:
+              event: Callable[[int, Row, list[int]], StepEvent] | None = None,
+              logprobs: dict[int, list[TokenLogprob]] | None = None) -> None:
         """Append and report the new tokens of the rows at ``indices``. ``event(j, row, kept)``
-        builds the StepEvent of ``indices[j]`` for a listening row from the tokens it kept."""
+        builds the StepEvent of ``indices[j]`` for a listening row from the tokens it kept.
+        ``logprobs``: row index -> one entry per token, for the rows that ask."""
         for j, (i, tokens) in enumerate(zip(indices, tokens_per_row)):
             r = self.rows[i]
-            kept = append_tokens(r, tokens)
+            entries = None if logprobs is None else logprobs.get(i)
+            kept = append_tokens(r, tokens, entries)
             if r.on_step is not None and event is not None:
-                r.on_step(event(j, r, kept))
+                e = event(j, r, kept)
+                r.on_step(e if entries is None else replace(e, logprobs=entries[: len(kept)]))
             r.emit(r, kept)
+
+    def _asking(self, rows: list[int] | None = None) -> list[int]:
+        """The rows (of ``rows``, default all) that asked for log-probabilities."""
+        return [i for i in (range(len(self.rows)) if rows is None else rows)
+                if self.rows[i].settings.logprobs is not None]
 
     def _listening(self, rows: list[int] | None = None) -> list[int]:
         """The rows (of ``rows``, default all) with a step listener."""
@@ -313,6 +336,7 @@ class BlockLane(Lane):
             self._settings("confidence_threshold"), temps, [r.draft_gen for r in rows],
             confidence=self._confidence(), return_probs=True, masked=self.open)
         newly = self.open & (new_x != mask_id)  # the denoiser never predicts the mask id
+        self._record_logprobs(logits, new_x, newly)
         listening = self._listening()
         if listening:
             self._report_step(listening, newly, new_x, confidence)
@@ -330,6 +354,9 @@ class BlockLane(Lane):
         if done:
             self._complete(done)
 
+    def _record_logprobs(self, logits: torch.Tensor, new_x: torch.Tensor, newly: torch.Tensor) -> None:
+        """Hook: keep what the rows asking for logprobs need of this step's commits (newly [B, L])."""
+
     def _report_step(self, listening: list[int], newly: torch.Tensor, new_x: torch.Tensor,
                      confidence: torch.Tensor) -> None:
         """The listening rows' "step" events: their commits of this step (newly, new_x, confidence
@@ -343,13 +370,13 @@ class BlockLane(Lane):
                                 [tokens[j][p] for p in positions], [confidences[j][p] for p in positions]))
 
     def _emit_blocks(self, done: list[int], tokens_per_row: list[list[int]], accepted: list[int] | None = None,
-                     corrected: list[int] | None = None) -> None:
+                     corrected: list[int] | None = None, logprobs: dict[int, list[TokenLogprob]] | None = None) -> None:
         """Append and report the completed blocks of the rows at ``done`` ("block" events)."""
         def event(j: int, r: Row, kept: list[int]) -> StepEvent:
             return StepEvent(r.index, "block", r.out.blocks, None, list(range(len(kept))), kept, [],
                              None if accepted is None else accepted[j], None if corrected is None else corrected[j])
 
-        self._emit(done, tokens_per_row, event)
+        self._emit(done, tokens_per_row, event, logprobs)
         for i in done:
             self.rows[i].out.blocks += 1
 
@@ -359,12 +386,43 @@ class BlockLane(Lane):
 
 class DiffusionLane(BlockLane):
     """Block mask diffusion (spec §7.1): a complete block is reported and the context tower
-    consumes it (EOS and all, spec §7.3); the row's next block starts at the next step."""
+    consumes it (EOS and all, spec §7.3); the row's next block starts at the next step.
+
+    Rows asking for logprobs: each position's entry is taken at the step that commits it, from that
+    step's distribution (``commit_logprobs`` [B, L, 1 + K] / ``commit_top_ids`` [B, L, K], see
+    ``sampler.logprob_tables``; zeros for rows that do not ask), and read when the block completes."""
+
+    batched_fields = BlockLane.batched_fields + ("commit_logprobs", "commit_top_ids")
+
+    def __init__(self, executor, key: tuple, prefix_cache=None):
+        super().__init__(executor, key, prefix_cache)
+        self.commit_logprobs = self.commit_top_ids = None
+
+    def _record_logprobs(self, logits, new_x, newly):
+        asking = self._asking()
+        if not asking:
+            return
+        index = upload(asking, new_x.device, torch.long)
+        values, ids = sampler.logprob_tables(sampler.exclude_mask(logits[index], self.key[2]), new_x[index],
+                                             self._settings("temperature", asking))
+        if self.commit_logprobs is None:  # the first step with a row that asks: every row gets a place
+            B, L = new_x.shape
+            self.commit_logprobs = values.new_zeros((B, L, values.shape[-1]))
+            self.commit_top_ids = ids.new_zeros((B, L, ids.shape[-1]))
+        here = newly[index][..., None]  # [b, L, 1]: only this step's commits take this step's values
+        self.commit_logprobs[index] = torch.where(here, values, self.commit_logprobs[index])
+        self.commit_top_ids[index] = torch.where(here, ids, self.commit_top_ids[index])
 
     def _complete(self, done):
         ex = self.executor
         blocks = self.x[done].to(ex.context_device)
-        self._emit_blocks(done, blocks.tolist())
+        asking = self._asking(done)
+        logprobs = None
+        if asking:
+            index = upload(asking, self.x.device, torch.long)
+            logprobs = dict(zip(asking, sampler.read_logprobs(self.commit_logprobs[index], self.commit_top_ids[index],
+                                                              self._settings("logprobs", asking))))
+        self._emit_blocks(done, blocks.tolist(), logprobs=logprobs)
         going = [j for j, i in enumerate(done) if not self.rows[i].out.finished]
         if going:
             rows = [done[j] for j in going]
@@ -395,6 +453,12 @@ class SpeculativeLane(BlockLane):
         state, logits = self._prefill_context(rows, [r.prompt for r in rows], capacity)
         pending = sampler.sample_next(logits, [r.settings.temperature for r in rows], [r.settings.top_k for r in rows],
                                       [r.settings.top_p for r in rows], [r.ar_gen for r in rows])
+        asking = [j for j, r in enumerate(rows) if r.settings.logprobs is not None]
+        if asking:
+            index = upload(asking, logits.device, torch.long)
+            entries = logprobs_of([rows[j] for j in asking], logits[index][:, None], pending[index][:, None])
+            for j, (entry,) in zip(asking, entries):
+                rows[j].pending_logprob = entry
         for r in rows:
             r.out.steps += 1  # the prefill produced the first token
         return {"state": state, "pending": pending, **self._new_blocks(len(rows), pending)}
@@ -414,7 +478,8 @@ class SpeculativeLane(BlockLane):
                   or len(self.rows[i].out.tokens) + 1 >= self.rows[i].settings.max_new_tokens]
         if ending:
             self._emit(ending, [[pending[i]] for i in ending],
-                       lambda j, r, kept: StepEvent(r.index, "block", r.out.blocks, None, [0], kept, []))
+                       lambda j, r, kept: StepEvent(r.index, "block", r.out.blocks, None, [0], kept, []),
+                       {i: [self.rows[i].pending_logprob] for i in self._asking(ending)})
             self._keep([i for i, r in enumerate(self.rows) if not r.out.finished])
 
     def _complete(self, done):
@@ -440,7 +505,7 @@ class SpeculativeLane(BlockLane):
                 out.accepts_by_position[j] += j < a
         corrected = verdict.next_token.tolist() if self._listening(done) else None  # read only when listened to
         self._emit_blocks(done, [d[: 1 + a] for d, a in zip(drafts.tolist(), verdict.accepted)], verdict.accepted,
-                          corrected)
+                          corrected, self._verified_logprobs(done, drafts, logits, verdict))
         going = [i for i in done if not self.rows[i].out.finished]
         if going:
             self._restart(going, self.pending[upload(going, self.pending.device, torch.long)])
@@ -448,6 +513,26 @@ class SpeculativeLane(BlockLane):
         going = [survivors.index(i) for i in going]
         self._keep(survivors)
         self._finish_on_pending(going)
+
+    def _verified_logprobs(self, done: list[int], drafts: torch.Tensor, logits: torch.Tensor,
+                           verdict: sampler.Verdict) -> dict[int, list[TokenLogprob]] | None:
+        """The kept tokens' entries of the rows at ``done`` that ask: the pending token's, then each
+        accepted draft's under the extend's logits at the position before it (logits [b, L, V]:
+        position j predicts j + 1); the AR token at 1 + accepted becomes the next pending one's."""
+        asking = [j for j, i in enumerate(done) if self.rows[i].settings.logprobs is not None]
+        if not asking:
+            return None
+        next_token = verdict.next_token.to(drafts.device)
+        targets = torch.cat([drafts[:, 1:], next_token[:, None]], dim=1)  # [b, L]: what position j chose
+        targets.scatter_(1, torch.tensor(verdict.accepted, device=drafts.device)[:, None], next_token[:, None])
+        index = upload(asking, logits.device, torch.long)
+        rows = [self.rows[done[j]] for j in asking]
+        out = {}
+        for j, r, entries in zip(asking, rows, logprobs_of(rows, logits[index], targets[index])):
+            a = verdict.accepted[j]
+            out[done[j]] = [r.pending_logprob] + entries[:a]
+            r.pending_logprob = entries[a]
+        return out
 
 
 class TokenLane(Lane):
@@ -480,6 +565,12 @@ class TokenLane(Lane):
             logits, gens = self.logits, [r.ar_gen for r in rows]
         tokens = sampler.sample_next(logits, self._settings("temperature"), self._settings("top_k"),
                                      self._settings("top_p"), gens)
+        asking = self._asking()
+        logprobs = None
+        if asking:
+            index = upload(asking, logits.device, torch.long)
+            logprobs = dict(zip(asking, logprobs_of([rows[i] for i in asking], logits[index][:, None],
+                                                    tokens[index][:, None])))
         listening = self._listening()
         probability = None
         if listening:  # read only when listened to: the tokens' temperature-1 probabilities
@@ -495,7 +586,7 @@ class TokenLane(Lane):
             return StepEvent(r.index, "token", len(r.out.tokens) - len(kept), r.out.steps - 1, [0], kept,
                              [probability[j]])
 
-        self._emit(list(range(len(rows))), [[t] for t in tokens.tolist()], event)
+        self._emit(list(range(len(rows))), [[t] for t in tokens.tolist()], event, logprobs)
         keep = [i for i, r in enumerate(rows) if not r.out.finished]
         tokens = tokens.to(ex.context_device)[:, None]
         tokens = tokens[keep] if len(keep) < len(rows) else tokens
@@ -511,6 +602,13 @@ class TokenLane(Lane):
         else:
             self.logits = logits[:, -1]
         self.state = state
+
+
+def logprobs_of(rows: list[Row], logits: torch.Tensor, tokens: torch.Tensor) -> list[list[TokenLogprob]]:
+    """The rows' entries (with their own temperature and count) for ``tokens`` [b, n] under
+    ``logits`` [b, n, V] (one read)."""
+    return sampler.token_logprobs(logits, tokens, [r.settings.temperature for r in rows],
+                                  [r.settings.logprobs for r in rows])
 
 
 LANES = {"diffusion": DiffusionLane, "speculative": SpeculativeLane, "mock-ar": TokenLane, "ar": TokenLane}

@@ -6,6 +6,8 @@
 - ``ar_probs`` / ``sample_next``: the AR choice (spec §7.4): greedy, or temperature -> top_k -> top_p.
 - ``verify_draft``: speculative mode's acceptance rule, which makes the output exactly the AR
   model's (greedy: token for token; sampled: in distribution).
+- ``logprob_tables`` / ``read_logprobs``: the log-probabilities of committed tokens and their most
+  likely alternatives, for the rows that ask (they draw nothing, so no token changes).
 
 Every row draws only from its own generator, and only when it needs to, so a row's tokens never
 depend on the other rows of the batch. The loops that call these live in ``lanes.py``.
@@ -20,6 +22,7 @@ import torch
 from ..devices import upload
 
 MASK_LOGIT = -1e12  # the mask token can never be predicted (spec §7.1)
+MAX_TOP_LOGPROBS = 20  # alternatives reported per token (OpenAI's chat limit)
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,17 @@ class SamplerSettings:
     top_p: float
     mask_token_id: int
     eos_token_id: int | None
+    logprobs: int | None = None  # None: none; N: each token's log-probability and its N most likely alternatives
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A committed token's log-probability and the most likely tokens, under the distribution of the
+    forward that chose it: log_softmax(logits / T), T the row's temperature (1 for greedy rows),
+    before top_k / top_p truncation (``logprob_tables``)."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, log-probability), most likely first, as many as asked
 
 
 def per_row(value, rows: int, device, dtype=torch.float32) -> torch.Tensor:
@@ -83,8 +97,7 @@ def commit_step(x: torch.Tensor, logits: torch.Tensor, mask_id: int, step: int, 
     threshold = per_row(threshold, B, device)
     masked = x == mask_id if masked is None else masked  # [B, L]
     n = masked.sum(-1)  # [B]
-    logits = logits.float().clone()
-    logits[..., mask_id] = MASK_LOGIT
+    logits = exclude_mask(logits, mask_id)
     probs = torch.softmax(logits, dim=-1)  # confidence always at temperature 1
     pred = probs.argmax(-1)  # first maximal index on ties, as torch.argmax
     sample_probs = None
@@ -112,6 +125,42 @@ def commit_step(x: torch.Tensor, logits: torch.Tensor, mask_id: int, step: int, 
     commit = masked & (rank < k[:, None])
     new_x = torch.where(commit, pred, x)
     return (new_x, k, sample_probs, chosen) if return_probs else (new_x, k)
+
+
+def exclude_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """The denoiser's logits [..., V] as fp32 with the mask token made impossible (a copy)."""
+    logits = logits.float().clone()
+    logits[..., mask_id] = MASK_LOGIT
+    return logits
+
+
+def logprob_tables(logits: torch.Tensor, tokens: torch.Tensor, temperature) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities under log_softmax(logits / T) (T per row; greedy rows: 1), on the device.
+
+    logits [B, n, V], tokens [B, n] (the committed token at each place) -> (values [B, n, 1 + K]:
+    the token's log-probability, then the K = min(MAX_TOP_LOGPROBS, V) largest, descending; ids
+    [B, n, K] of those). Nothing is drawn or read back."""
+    B = logits.shape[0]
+    _, divisor = temperature_divisor(host_values(temperature, B), logits.device)
+    scores = torch.log_softmax(logits.float() / divisor[:, None, None], dim=-1)  # [B, n, V]
+    chosen = scores.gather(-1, tokens.to(logits.device)[..., None])  # [B, n, 1]
+    top = scores.topk(min(MAX_TOP_LOGPROBS, scores.shape[-1]), dim=-1)  # sorted, descending
+    return torch.cat([chosen, top.values], dim=-1), top.indices
+
+
+def read_logprobs(values: torch.Tensor, ids: torch.Tensor, counts: list[int]) -> list[list[TokenLogprob]]:
+    """``logprob_tables``' output read back: per row b, per place, a ``TokenLogprob`` with the
+    ``counts[b]`` most likely tokens (one read of each table)."""
+    width = max(counts)
+    values, ids = values[..., : 1 + width].tolist(), ids[..., :width].tolist()
+    return [[TokenLogprob(v[0], tuple(zip(i[:n], v[1: 1 + n]))) for v, i in zip(row_values, row_ids)]
+            for row_values, row_ids, n in zip(values, ids, counts)]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature,
+                   counts: list[int]) -> list[list[TokenLogprob]]:
+    """``read_logprobs(*logprob_tables(...))``: logits [B, n, V], tokens [B, n] -> [B][n] entries."""
+    return read_logprobs(*logprob_tables(logits, tokens, temperature), counts)
 
 
 def ar_probs(logits: torch.Tensor, temperature, top_k, top_p) -> torch.Tensor:

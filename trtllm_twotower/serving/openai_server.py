@@ -10,7 +10,9 @@ knobs pass as extra body fields (``mode``, ``block_size``, ``steps_per_block``,
 a tokenizer answers with ids (``text`` null, ``token_ids`` in every choice). OpenAI fields the model
 cannot honour (``echo``, ``best_of``, ``suffix``, penalties, ...) are refused, not ignored. ``stop``
 (up to 4 strings) ends a row at the first match, checked as its tokens are committed in every mode;
-the text excludes the stop string (``token_ids`` end at the token that completed it).
+the text excludes the stop string (``token_ids`` end at the token that completed it). Log-probs:
+/v1/completions ``logprobs`` 0..5, /v1/chat/completions ``logprobs: true`` and ``top_logprobs``
+0..20, in OpenAI's objects (``serving/logprobs.py``), streamed with the text they belong to.
 
 Limits before work: bodies over ``--max-request-bytes`` are refused (413) before they are read in
 full, text prompts that cannot fit the model are refused before tokenizing, parsing and tokenizing
@@ -38,17 +40,20 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ..runtime.sampler import MAX_TOP_LOGPROBS
 from ..runtime.scheduler import ClosedError, QueueFullError
+from .logprobs import RowLogprobs, TokenNames, chat_logprobs, completion_logprobs
 from .metrics import ServingMetrics, outcome_of_status
 from .playground import add_playground
 from .request_body import BodyError, parse_object, read_limited
 
-UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "logit_bias", "tools", "functions",
-               "response_format")
+UNSUPPORTED = ("echo", "best_of", "suffix", "logit_bias", "tools", "functions", "response_format")
 KNOBS = ("mode", "block_size", "steps_per_block", "confidence_threshold", "top_k")
 COMPLETION_FIELDS = {"model", "prompt", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "seed",
-                     "stop", "user", "presence_penalty", "frequency_penalty", *UNSUPPORTED, *KNOBS}
-CHAT_FIELDS = (COMPLETION_FIELDS - {"prompt", "echo", "suffix", "best_of"}) | {"messages", "max_completion_tokens"}
+                     "stop", "logprobs", "user", "presence_penalty", "frequency_penalty", *UNSUPPORTED, *KNOBS}
+CHAT_FIELDS = (COMPLETION_FIELDS - {"prompt", "echo", "suffix", "best_of"}) | {"messages", "max_completion_tokens",
+                                                                             "top_logprobs"}
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions (chat: MAX_TOP_LOGPROBS)
 MAX_SEED = 2**63 - 16  # a request's rows take seed + i for i < n <= 16
 RETRY_AFTER_S = "1"
 
@@ -112,6 +117,7 @@ class OpenAIServer:
         self.defaults = options.defaults
         self.metrics = ServingMetrics(runtime.scheduler)
         self.chat_template = runtime.tokenizer is not None and getattr(runtime.tokenizer, "chat_template", None)
+        self.token_names = None if runtime.tokenizer is None else TokenNames(runtime.tokenizer)
         # bytes between two quotes beyond which neither a text prompt (at most 6 bytes per character, as
         # \uXXXX) nor a token-id list (at most 12 bytes per id) can fit the model: refused before parsing
         chars, limit = runtime.max_prompt_chars, runtime.cfg.max_position_embeddings
@@ -225,11 +231,38 @@ class OpenAIServer:
         ids = self.runtime.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if hasattr(ids, "keys"):  # newer tokenizers return a BatchEncoding
             ids = ids["input_ids"]
-        return self.prepare(body, [list(ids)], field_name)
+        return self.prepare(body, [list(ids)], field_name, chat=True)
 
-    def prepare(self, body: dict, prompts: list, max_tokens_field: str = "max_tokens"):
+    def requested_logprobs(self, body: dict, chat: bool) -> int | None:
+        """Alternatives per token the request asks for (None: no log-probs): /v1/completions
+        ``logprobs`` 0..5; chat ``logprobs: true`` with ``top_logprobs`` 0..20 (default 0)."""
+        if chat:
+            wanted, top = body.get("logprobs"), body.get("top_logprobs")
+            if wanted is not None and not isinstance(wanted, bool):
+                raise ApiError(f"logprobs: expected true or false, got {wanted!r}", "logprobs")
+            if top is not None:
+                if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+                    raise ApiError(f"top_logprobs: expected an integer in [0, {MAX_TOP_LOGPROBS}], got {top!r}",
+                                   "top_logprobs")
+                if not wanted:
+                    raise ApiError("top_logprobs: needs \"logprobs\": true", "top_logprobs")
+            count = (top or 0) if wanted else None
+        else:
+            count = body.get("logprobs")
+            if count is not None and (isinstance(count, bool) or not isinstance(count, int)
+                                      or not 0 <= count <= MAX_COMPLETION_LOGPROBS):
+                raise ApiError(f"logprobs: expected an integer in [0, {MAX_COMPLETION_LOGPROBS}] or null, got "
+                               f"{count!r}", "logprobs")
+        if count is not None and self.token_names is None:
+            raise ApiError(f"logprobs: token texts need a tokenizer and {self.runtime.checkpoint_dir} has none",
+                           "logprobs")
+        return count
+
+    def prepare(self, body: dict, prompts: list, max_tokens_field: str = "max_tokens", chat: bool = False):
         """Validate and tokenize (request-sized work: runs in a worker thread). Without a ``seed``
-        the request draws a fresh one, so two users never get the same 'random' text."""
+        the request draws a fresh one, so two users never get the same 'random' text. ``chat``: the
+        body is a chat request (its log-probs fields)."""
+        logprobs = self.requested_logprobs(body, chat)
         n = body.get("n", 1)
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 16:
             raise ApiError(f"n: expected an integer in [1, 16], got {n!r}", "n")
@@ -256,7 +289,8 @@ class OpenAIServer:
                 steps_per_block=body.get("steps_per_block", d["steps_per_block"]),
                 confidence_threshold=body.get("confidence_threshold", d["confidence_threshold"]),
                 temperature=body.get("temperature", d["temperature"]), top_k=body.get("top_k", 0),
-                top_p=body.get("top_p", 1.0), seed=[seed + i % n for i in range(len(rows))], stop=body.get("stop"))
+                top_p=body.get("top_p", 1.0), seed=[seed + i % n for i in range(len(rows))], stop=body.get("stop"),
+                logprobs=logprobs)
         except ValueError as err:
             message = str(err).replace("max_new_tokens", max_tokens_field)
             raise ApiError(message, message.split(":", 1)[0].split("[", 1)[0]) from err
@@ -265,7 +299,8 @@ class OpenAIServer:
     async def respond(self, request: Request, body: dict, prepared, endpoint: str):
         n = body.get("n", 1)
         relay = self.submit(prepared)
-        reply = Reply(self.model_name, endpoint, bool(body.get("stream", False)), prepared, n)
+        reply = Reply(self.model_name, endpoint, bool(body.get("stream", False)), prepared, n, self.token_names,
+                      relay.ticket.stopped)
         if not reply.stream:
             watcher = asyncio.create_task(cancel_on_disconnect(request, relay))
             try:
@@ -275,7 +310,7 @@ class OpenAIServer:
                 watcher.cancel()
             result = await asyncio.to_thread(relay.result)  # decoding every row's text: off the loop
             self.finished(endpoint, relay, result)
-            return reply.whole(result)
+            return await asyncio.to_thread(reply.whole, result)  # log-probs decode token by token: off the loop
         include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
 
         async def events():
@@ -288,7 +323,8 @@ class OpenAIServer:
                         if e.row in last:
                             self.metrics.block_gap.observe(now - last[e.row])
                         last[e.row] = now
-                        yield reply.chunk([reply.choice(e.row, e.text, e.token_ids, None, False)])
+                        logprobs = reply.logprobs(e.row, e.token_ids, e.logprobs, e.text, e.finished)
+                        yield reply.chunk([reply.choice(e.row, e.text, e.token_ids, None, False, logprobs)])
                 result = relay.result()
             except ApiError as err:
                 outcome = outcome_of_status(err.status)
@@ -332,19 +368,32 @@ class OpenAIServer:
 class Reply:
     """The OpenAI objects of one request: choices, chunks, the whole reply, usage."""
 
-    def __init__(self, model_name: str, endpoint: str, stream: bool, prepared, n: int):
+    def __init__(self, model_name: str, endpoint: str, stream: bool, prepared, n: int,
+                 token_names: TokenNames | None, stopped: dict[int, int]):
         self.model_name, self.stream, self.prepared, self.n = model_name, stream, prepared, n
         self.chat = endpoint == "chat"
         self.ident = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.object = "chat.completion" if self.chat else "text_completion"
+        self.token_names = token_names
+        self.stopped = stopped  # the ticket's rows ended by a stop string (filled as they end)
+        self.logprob_rows: dict[int, RowLogprobs] = {}
 
-    def choice(self, index: int, text, token_ids, reason, final: bool) -> dict:
+    def choice(self, index: int, text, token_ids, reason, final: bool, logprobs: dict | None = None) -> dict:
         if self.chat:
             content = {"role": "assistant", "content": text} if final and not self.stream else {"content": text}
             key = "message" if final and not self.stream else "delta"
-            return {"index": index, key: content, "finish_reason": reason, "token_ids": token_ids}
-        return {"index": index, "text": text, "finish_reason": reason, "logprobs": None, "token_ids": token_ids}
+            return {"index": index, key: content, "finish_reason": reason, "logprobs": logprobs, "token_ids": token_ids}
+        return {"index": index, "text": text, "finish_reason": reason, "logprobs": logprobs, "token_ids": token_ids}
+
+    def logprobs(self, row: int, token_ids: list[int], entries, text: str, final: bool) -> dict | None:
+        """The ``logprobs`` object of a row's next tokens (a chunk's, or the whole row's), holding
+        back those whose text has not gone out yet (``RowLogprobs``); None when not asked."""
+        if entries is None:
+            return None
+        rows = self.logprob_rows.setdefault(row, RowLogprobs(self.token_names.tokenizer))
+        items = rows.push(token_ids, entries, text, final, row in self.stopped)
+        return (chat_logprobs if self.chat else completion_logprobs)(items, self.token_names)
 
     def chunk(self, choices: list, **extra) -> str:
         obj = self.object + ".chunk" if self.chat else self.object
@@ -371,8 +420,11 @@ class Reply:
         return "".join(chunks) + "data: [DONE]\n\n"
 
     def whole(self, result) -> dict:
-        choices = [self.choice(i, None if result.text is None else result.text[i], result.output_ids[i],
-                               self.finish_reason(result, i), True) for i in range(len(result.output_ids))]
+        texts = [None] * len(result.output_ids) if result.text is None else result.text
+        entries = [None] * len(result.output_ids) if result.logprobs is None else result.logprobs
+        choices = [self.choice(i, texts[i], ids, self.finish_reason(result, i), True,
+                               self.logprobs(i, ids, entries[i], texts[i], True))
+                   for i, ids in enumerate(result.output_ids)]
         return {"id": self.ident, "object": self.object, "created": self.created, "model": self.model_name,
                 "choices": choices, "usage": self.usage(result), "nfe": result.nfe,
                 "tokens_per_step": result.tokens_per_step}

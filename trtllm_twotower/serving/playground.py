@@ -2,13 +2,15 @@
 
 ``POST /v1/playground/events`` takes a completions body (``prompt``: one text or one list of token
 ids; ``max_tokens``, ``temperature``, ``seed``, ``n``, ``mode``, ``block_size``, ``steps_per_block``,
-``confidence_threshold``, ``top_k``, ``top_p``), validated by the completions endpoint's own code,
-and answers with server-sent events, one JSON object each (``data: {...}``), then ``data: [DONE]``:
+``confidence_threshold``, ``top_k``, ``top_p``, ``stop``, ``logprobs``), validated by the completions
+endpoint's own code, and answers with server-sent events, one JSON object each (``data: {...}``),
+then ``data: [DONE]``:
 
 - ``{"type": "start", "mode", "block_size", "steps_per_block", "max_new_tokens", "rows", "tokenizer"}``;
 - one per forward and row, the runtime's ``StepEvent`` (``runtime/lanes.py``) with ``type`` = its
   kind ("step", "block" or "token") and ``pieces``: each token's text (null without a tokenizer;
-  ``corrected_piece`` likewise);
+  ``corrected_piece`` likewise); with ``logprobs``: N in the body, its "block" and "token" events
+  carry ``logprobs``: per token ``{"logprob", "top": [[id, logprob], ...]}``;
 - ``{"type": "result", "output_ids", "text", "nfe", "tokens_per_step", "forwards_per_token",
   "time_to_first_block", "tokens_per_second", "seconds", "stats"}``;
 - or, when the generation fails, ``{"type": "error", "error": {"message", "type"}}``.
