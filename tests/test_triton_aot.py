@@ -12,6 +12,7 @@ and pointer arguments with the same role (which input or output, at which byte o
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import subprocess
@@ -78,7 +79,8 @@ def build_ops(generated: Path, name: str, link: list) -> Path:
     return library
 
 
-def bind(lib):
+def bind(lib, generated: Path):
+    lib.rows = json.loads((generated / "manifest.json").read_text())["variants"]  # the table, in order
     lib.twotower_launch.argtypes = [ctypes.c_char_p, ctypes.POINTER(TensorArg), ctypes.c_int,
                                     ctypes.POINTER(TensorArg), ctypes.c_int, ctypes.POINTER(ctypes.c_double),
                                     ctypes.c_int, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p]
@@ -103,7 +105,7 @@ def library(generated):
     driver = ctypes.CDLL(str(fake))
     driver.fake_launch.restype = ctypes.POINTER(FakeLaunch)
     driver.fake_function_image.restype = ctypes.c_void_p
-    return bind(ctypes.CDLL(str(ops), mode=os.RTLD_DEEPBIND)), driver
+    return bind(ctypes.CDLL(str(ops), mode=os.RTLD_DEEPBIND), generated), driver
 
 
 def _args(tensors, base: int):
@@ -128,15 +130,23 @@ def launch_library(library, op: str, inputs, outputs, attributes, workspace_byte
     driver.fake_reset()
     code = lib.twotower_launch(op.encode(), ins, len(inputs), outs, len(outputs), attrs, len(attributes), WORKSPACE,
                                workspace_bytes, stream)
-    cubins = {lib.twotower_variant_cubin(i): lib.twotower_variant_key(i).decode()
-              for i in range(lib.twotower_variant_count())}
+    return code, recorded_launches(lib, driver, stream)
+
+
+def recorded_launches(lib, driver, stream: int = 0x51) -> list:
+    """[(variant key, grid, block, params)] of what the fake driver recorded; each launch checked to
+    run the first row of its key whose divisibility promises its arguments keep."""
+    rows = {lib.twotower_variant_cubin(i): i for i in range(lib.twotower_variant_count())}
     launches = []
     for i in range(driver.fake_num_launches()):
         record = driver.fake_launch(i).contents
         assert record.stream == stream
-        key = cubins[driver.fake_function_image(record.function)]
-        launches.append((key, tuple(record.grid), tuple(record.block), list(record.params[:record.num_params])))
-    return code, launches
+        row = rows[driver.fake_function_image(record.function)]
+        key, params = lib.rows[row]["key"], list(record.params[:record.num_params])
+        kept = [j for j, r in enumerate(lib.rows) if r["key"] == key and all(params[a] % 16 == 0 for a in r["divisible"])]
+        assert row == kept[0], (key, row, kept)
+        launches.append((key, tuple(record.grid), tuple(record.block), params))
+    return launches
 
 
 def _role(address: int, sizes: dict) -> tuple:
@@ -341,6 +351,24 @@ def test_bad_launches_get_one_error_naming_the_problem(library):
     assert code == -6 and got == []  # split attention needs its partials' scratch
 
 
+def test_misaligned_arguments_take_the_row_compiled_without_divisibility_promises(library):
+    """Aligned pointers and the config's widths run the row compiled with Triton's divisibility
+    hints (vectorised loads); a pointer 2 bytes off 16 runs the row compiled without them."""
+    lib, driver = library
+    gen = torch.Generator().manual_seed(8)
+    x = rand(gen, 3, CFG.hidden_size, dtype=torch.bfloat16)
+    ins, outs = _args([x], INPUTS), _args([torch.empty_like(x)], OUTPUTS)
+    rows = []
+    for shift in (0, 2):
+        ins[0].data = INPUTS + shift
+        driver.fake_reset()
+        assert lib.twotower_launch(b"Relu2", ins, 1, outs, 1, None, 0, WORKSPACE, 0, 0x51) == 0
+        (key, _, _, params), = recorded_launches(lib, driver)
+        assert params[0] == INPUTS + shift
+        rows.append(next(r for r in lib.rows if r["key"] == key and all(params[a] % 16 == 0 for a in r["divisible"])))
+    assert rows[0]["divisible"] == [0, 1, 2] and rows[1]["divisible"] == []  # x, out, n; then nothing
+
+
 def test_each_cuda_context_loads_its_own_modules(library):
     """Two GPUs in one process: the second context loads the cubins again; launches after that
     load nothing more."""
@@ -417,7 +445,7 @@ def test_aot_kernels_on_the_gpu_equal_the_jit_kernels(generated):
     """On a GPU: each op through the AOT library (the plugins' path) gives the Triton JIT kernels'
     (the torch path's) outputs bit for bit: the same kernels, compiled ahead of time."""
     ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL)
-    lib = bind(ctypes.CDLL(str(build_ops(generated, "libtwotower_ops_cuda.so", []))))
+    lib = bind(ctypes.CDLL(str(build_ops(generated, "libtwotower_ops_cuda.so", []))), generated)
     cuda = torch.device("cuda")
     gen = torch.Generator().manual_seed(11)
     D, H, KV, P = CFG.hidden_size, CFG.num_attention_heads, CFG.num_key_value_heads, CFG.head_dim
@@ -478,7 +506,7 @@ def test_the_plugin_library_refuses_another_models_config(generated, all_kinds_d
     from trtllm_twotower.plugins.plugin_library import PluginLibraryError, check_config
 
     manifest = check_config(CFG, "bfloat16", path=generated / "manifest.json")
-    assert manifest["arch"] == 90 and len(manifest["variants"]) > 20
+    assert manifest["arch"] == 90 and len({v["key"] for v in manifest["variants"]}) > 20
     with pytest.raises(PluginLibraryError, match="compiled for another model config .*plugins/build.sh CONFIG"):
         check_config(load_config(all_kinds_dir), path=generated / "manifest.json")
     with pytest.raises(PluginLibraryError, match="no float16 kernels"):
@@ -504,7 +532,7 @@ def plugin_harness(generated, library):
             f"-I{CSRC}", f"-I{generated}", f"-I{CUDA_INCLUDE}", CSRC / "plugins.cpp", CSRC / "triton_launch.cpp",
             CSRC / "triton_ops.cpp", ROOT / "tests" / "fake_tensorrt" / "plugin_harness.cpp", generated / "variants.o",
             "-o", harness, f"-L{fake.parent}", "-lfakecuda", f"-Wl,-rpath,{fake.parent}"])
-    lib = bind(ctypes.CDLL(str(harness), mode=os.RTLD_DEEPBIND))
+    lib = bind(ctypes.CDLL(str(harness), mode=os.RTLD_DEEPBIND), generated)
     lib.harness_creator.restype = ctypes.c_char_p
     return lib, library[1]
 
@@ -567,13 +595,7 @@ def harness_run(harness, node, inputs, attributes, expected_outputs):
     assert code == 0, (node.op_type, code, bad.value, lib.twotower_last_error().decode())
     assert num_out.value == no, node.op_type
     shapes = [tuple(out_dims[8 * j: 8 * j + out_ndims[j]]) for j in range(no)]
-    cubins = {lib.twotower_variant_cubin(i): lib.twotower_variant_key(i).decode() for i in range(lib.twotower_variant_count())}
-    launches = []
-    for i in range(driver.fake_num_launches()):
-        record = driver.fake_launch(i).contents
-        launches.append((cubins[driver.fake_function_image(record.function)], tuple(record.grid), tuple(record.block),
-                         list(record.params[:record.num_params])))
-    return [out_types[j] for j in range(no)], shapes, workspace_bytes.value, launches
+    return [out_types[j] for j in range(no)], shapes, workspace_bytes.value, recorded_launches(lib, driver)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,9 +1,12 @@
 """The Triton kernels compiled ahead of time, as C for the TensorRT plugin library.
 
 ``python -m trtllm_twotower.plugins.aot --config CONFIG --out DIR`` writes, for one model config:
-- ``triton_variants.c``: one cubin per kernel variant (a kernel with its argument types and
-  constexprs, what Triton's JIT would compile on the GPU) and the table ``twotower_variants`` of
-  (key, function name, cubin, shared memory, warps) that ``csrc/triton_launch.cpp`` loads from;
+- ``triton_variants.c``: two cubins per kernel variant (a kernel with its argument types and
+  constexprs): one compiled with the divisibility by 16 Triton's JIT would see on a GPU for its
+  pointers and for the config's widths and strides (so loads vectorise as on the torch path), one
+  without; and the table ``twotower_variants`` of (key, divisible arguments, function name, cubin,
+  shared memory, warps) that ``csrc/triton_launch.cpp`` loads from, taking per launch the first
+  row of the key whose promises the arguments keep;
 - ``triton_constants.h``: the launchers' tiling constants (one source: the Python modules);
 - ``plugin_nodes.h``: the plugins' names, tensors and fields (one source: ``onnx_nodes.NODES``);
 - ``manifest.json``: config, target, triton version and every key.
@@ -49,8 +52,11 @@ def variant_key(launch: Launch) -> str:
     return f"{launch.kernel.removeprefix(PREFIX)}({types})[{constexprs}]w{launch.num_warps}"
 
 
-def plugin_launches(cfg, dtypes=("bfloat16", "float32")) -> list[Launch]:
-    """Every distinct launch the plugins of ``cfg``'s engines can make, in first-seen order."""
+def plugin_launches(cfg, dtypes=("bfloat16", "float32")) -> list[tuple[Launch, tuple]]:
+    """Every distinct launch the plugins of ``cfg``'s engines can make, in first-seen order, each
+    with the indices of its runtime arguments that can be promised divisible by 16: every pointer,
+    and the integers that were multiples of 16 in every recorded call (the config's widths and
+    strides; not the batch- or length-dependent ones). The launcher checks them at each launch."""
     from . import attention, mamba, moe, norms
 
     D, H, KV, P = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -65,14 +71,19 @@ def plugin_launches(cfg, dtypes=("bfloat16", "float32")) -> list[Launch]:
             def t(*shape, dtype=dtype):
                 return torch.empty(shape, dtype=dtype, device=META)
 
-            x = t(1, 2, D)
-            norms.rms_norm(x, t(D), 1e-5)
-            for first in (True, False):
-                norms.rms_norm(x, t(D), 1e-5, t(3, D), t(1, 3 * D), first)
-            norms.gated_residual(x, x, t(3, D), t(1, 3 * D))
-            norms.gated_rms_norm(t(1, 2, cfg.d_inner), t(1, 2, cfg.d_inner), t(cfg.d_inner), G, 1e-5)
-            moe.relu2(t(2, cfg.moe_shared_expert_intermediate_size))
-            moe.moe_route(t(2, D), t(E, D), t(E, dtype=f32), k, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+            for B, L in ((1, 2), (3, 5)):  # two shapes: what depends on them is never promised divisible
+                x = t(B, L, D)
+                norms.rms_norm(x, t(D), 1e-5)
+                for first in (True, False):
+                    norms.rms_norm(x, t(D), 1e-5, t(3, D), t(B, 3 * D), first)
+                norms.gated_residual(x, x, t(3, D), t(B, 3 * D))
+                norms.gated_rms_norm(t(B, L, cfg.d_inner), t(B, L, cfg.d_inner), t(cfg.d_inner), G, 1e-5)
+                moe.relu2(t(B * L, cfg.moe_shared_expert_intermediate_size))
+                moe.moe_route(t(B * L, D), t(E, D), t(E, dtype=f32), k, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+                for steps in (False, True):
+                    mamba.seeded_mamba_scan(t(B, L, C), t(B, L, MH), t(C, W), t(C), t(MH, dtype=f32), t(MH, dtype=f32),
+                                            t(MH, dtype=f32), t(B, C, W), t(B, MH, MP, cfg.ssm_state_size, dtype=f32),
+                                            G, MP, steps)
             tile = 0
             for n in range(1, moe.ALIGN_MAX_PAIRS // k + 1):  # every power-of-two tile of the one-program sort
                 if n == 1 or (n * k - 1).bit_length() > tile:
@@ -80,16 +91,24 @@ def plugin_launches(cfg, dtypes=("bfloat16", "float32")) -> list[Launch]:
                     for shared in (None, t(n, D)):
                         moe.moe_experts(t(n, D), t(n, k, dtype=torch.int64), t(n, k, dtype=f32), t(E, I, D),
                                         t(E, D, I), shared)
-            for steps in (False, True):
-                mamba.seeded_mamba_scan(t(1, 2, C), t(1, 2, MH), t(C, W), t(C), t(MH, dtype=f32), t(MH, dtype=f32),
-                                        t(MH, dtype=f32), t(1, C, W), t(1, MH, MP, cfg.ssm_state_size, dtype=f32),
-                                        G, MP, steps)
             for causal in (True, False):
-                for context in (0, 4096):  # one split, several
-                    cache = t(1, context + 16, KV, P)
-                    attention.block_attention(t(1, 16, H, P), t(1, 16, KV, P), t(1, 16, KV, P), cache, cache,
-                                              t(1, dtype=torch.int32), context, causal, False)
-    return list(dict.fromkeys(call.launch for call in calls))
+                for B, L, context in ((1, 16, 0), (3, 5, 0), (1, 16, 4096), (3, 1, 4096), (2, 16, 1000)):  # 1 split, more
+                    cache = t(B, context + L, KV, P)
+                    attention.block_attention(t(B, L, H, P), t(B, L, KV, P), t(B, L, KV, P), cache, cache,
+                                              t(B, dtype=torch.int32), context, causal, False)
+    divisible: dict[Launch, set] = {}
+    for call in calls:
+        runtime = [(i, value) for i, (_, value) in enumerate(call.args)]
+        ok = {i for i, value in runtime if isinstance(value, torch.Tensor) or (
+            isinstance(value, int) and not isinstance(value, bool) and value % 16 == 0)}
+        divisible[call.launch] = divisible.get(call.launch, ok) & ok
+    return [(launch, tuple(sorted(ok))) for launch, ok in divisible.items()]
+
+
+def _full_indices(launch: Launch, runtime_indices) -> tuple:
+    """Runtime-argument indices -> indices in the kernel's whole argument list (constexprs included)."""
+    runtime = [i for i, (_, kind) in enumerate(launch.signature) if kind != "constexpr"]
+    return tuple(runtime[i] for i in runtime_indices)
 
 
 def constants_header() -> str:
@@ -137,12 +156,12 @@ def _c_bytes(data: bytes) -> str:
     return ",\n".join(",".join(str(b) for b in data[i:i + 40]) for i in range(0, len(data), 40))
 
 
-def variants_source(compiled: list[tuple[str, object]], banner: str) -> str:
-    """The C table of (key, cubin) for ``csrc/triton_launch.cpp``."""
+def variants_source(compiled: list[tuple[str, tuple, object]], banner: str) -> str:
+    """The C table of (key, divisible arguments, cubin) for ``csrc/triton_launch.cpp``."""
     parts = [f"// {banner}", "// Generated by trtllm_twotower.plugins.aot. Do not edit.",
              '#include "triton_variants.h"', ""]
     rows = []
-    for i, (key, kernel) in enumerate(compiled):
+    for i, (key, divisible, kernel) in enumerate(compiled):
         meta = kernel.metadata
         for field, expected in (("num_ctas", 1), ("global_scratch_size", 0), ("profile_scratch_size", 0),
                                 ("launch_cooperative_grid", False), ("launch_pdl", False)):
@@ -150,7 +169,10 @@ def variants_source(compiled: list[tuple[str, object]], banner: str) -> str:
                 raise RuntimeError(f"{key}: {field} = {getattr(meta, field)} is not supported by the plugin launcher")
         cubin = kernel.asm["cubin"]
         parts.append(f"static const unsigned char cubin_{i}[{len(cubin)}] = {{\n{_c_bytes(cubin)}}};")
-        rows.append(f'    {{"{key}", "{meta.name}", cubin_{i}, {len(cubin)}, {meta.shared}, {meta.num_warps}}},')
+        if divisible:
+            parts.append(f"static const int divisible_{i}[{len(divisible)}] = {{{', '.join(map(str, divisible))}}};")
+        hints = f"divisible_{i}, {len(divisible)}" if divisible else "0, 0"
+        rows.append(f'    {{"{key}", {hints}, "{meta.name}", cubin_{i}, {len(cubin)}, {meta.shared}, {meta.num_warps}}},')
     parts += ["", "const TwoTowerVariant twotower_variants[] = {", *rows, "};",
               f"const int twotower_num_variants = {len(compiled)};", ""]
     return "\n".join(parts)
@@ -166,12 +188,15 @@ def write_aot(cfg, out: Path, arch: int = 90, dtypes=("bfloat16", "float32"), lo
         raise RuntimeError("TRITON_INTERPRET is set: the interpreter replaces the kernels; unset it to compile")
     target = GPUTarget("cuda", arch, 32)
     compiled = []
-    for launch in plugin_launches(cfg, dtypes):
+    for launch, divisible in plugin_launches(cfg, dtypes):
         key = variant_key(launch)
-        compiled.append((key, compile_launch(launch, target)))
+        # with the divisibility Triton's JIT would see on a GPU (vectorised loads), then without:
+        # the launcher takes the first whose promises the launch's arguments keep
+        for hints in ((divisible, ()) if divisible else ((),)):
+            compiled.append((key, hints, compile_launch(launch, target, _full_indices(launch, hints))))
         log(f"sm_{arch} {key}")
     manifest = {"arch": arch, "triton": triton.__version__, "dtypes": list(dtypes), "config": cfg.to_dict(),
-                "variants": [key for key, _ in compiled]}
+                "variants": [{"key": key, "divisible": list(hints)} for key, hints, _ in compiled]}
     banner = f"triton {triton.__version__}, sm_{arch}, {len(compiled)} variants"
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

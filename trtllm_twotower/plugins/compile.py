@@ -139,8 +139,9 @@ def real_model_launches(cfg, batches=(1, 64), lengths=(1, 16), context: int = 81
     return list(dict.fromkeys(call.launch for call in calls))  # distinct, in first-seen order
 
 
-def compile_launch(launch: Launch, target):
-    """A CompiledKernel (cubin and all) for ``target``."""
+def compile_launch(launch: Launch, target, divisible: tuple = ()):
+    """A CompiledKernel (cubin and all) for ``target``; ``divisible``: the indices of the arguments
+    (pointers: their address) promised to be multiples of 16, as Triton's JIT specialises them."""
     import importlib
 
     import triton
@@ -148,7 +149,8 @@ def compile_launch(launch: Launch, target):
 
     module, name = launch.kernel.rsplit(".", 1)
     fn = getattr(importlib.import_module(module), name)
-    source = ASTSource(fn=fn, signature=dict(launch.signature), constexprs=dict(launch.constexprs))
+    source = ASTSource(fn=fn, signature=dict(launch.signature), constexprs=dict(launch.constexprs),
+                       attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
     return triton.compile(source, target=target, options={"num_warps": launch.num_warps})
 
 

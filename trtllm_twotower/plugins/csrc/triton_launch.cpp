@@ -77,18 +77,32 @@ std::string TritonLaunch::key() const {
 
 namespace {
 
-int variant_index(std::string const& key) {
-    static const std::unordered_map<std::string, int> index = [] {
-        std::unordered_map<std::string, int> m;
-        for (int i = 0; i < twotower_num_variants; ++i) m.emplace(twotower_variants[i].key, i);
+// The rows of a key, in table order (the one compiled with divisibility promises first).
+std::vector<int> const& variant_rows(std::string const& key) {
+    static const std::unordered_map<std::string, std::vector<int>> rows = [] {
+        std::unordered_map<std::string, std::vector<int>> m;
+        for (int i = 0; i < twotower_num_variants; ++i) m[twotower_variants[i].key].push_back(i);
         return m;
     }();
-    auto found = index.find(key);
-    if (found == index.end())
+    auto found = rows.find(key);
+    if (found == rows.end())
         throw Failure(TWOTOWER_ERR_UNSUPPORTED, "no compiled kernel variant " + key +
                                                     " (rebuild the plugin library with aot.py for this model config "
                                                     "and dtype)");
     return found->second;
+}
+
+// The first row whose promises these arguments keep: each promised slot (an address, or an
+// integer's low bits) a multiple of 16.
+int variant_index(std::string const& key, std::vector<uint64_t> const& slots) {
+    for (int row : variant_rows(key)) {
+        TwoTowerVariant const& v = twotower_variants[row];
+        bool kept = true;
+        for (int i = 0; i < v.num_divisible && kept; ++i)
+            kept = v.divisible[i] < static_cast<int>(slots.size()) && (slots[v.divisible[i]] & 15u) == 0;
+        if (kept) return row;
+    }
+    throw Failure(TWOTOWER_ERR_UNSUPPORTED, key + ": no compiled row without divisibility promises");
 }
 
 void check(CUresult result, char const* what, std::string const& key) {
@@ -136,7 +150,7 @@ CUfunction function_for(int variant, std::string const& key) {
 
 void TritonLaunch::run(int64_t grid_x, int64_t grid_y, int64_t grid_z, CUstream stream) const {
     const std::string k = key();
-    const int variant = variant_index(k);
+    const int variant = variant_index(k, mSlots);
     if (grid_x <= 0 || grid_y <= 0 || grid_z <= 0) return;
     if (grid_x > INT32_MAX || grid_y > 65535 || grid_z > 65535)
         throw Failure(TWOTOWER_ERR_UNSUPPORTED, k + ": grid too large");

@@ -1,5 +1,6 @@
 // The table of Triton kernels compiled ahead of time (generated: triton_variants.c, by
-// `python -m trtllm_twotower.plugins.aot`). One row per kernel variant.
+// `python -m trtllm_twotower.plugins.aot`). One or two rows per kernel variant: compiled with some
+// arguments promised divisible by 16 (pointers: their address), then without any such promise.
 #pragma once
 
 #ifdef __cplusplus
@@ -8,6 +9,8 @@ extern "C" {
 
 typedef struct {
     const char* key;            // "module.kernel(arg types)[constexprs]wN" (aot.variant_key)
+    const int* divisible;       // runtime-argument indices promised divisible by 16
+    int num_divisible;
     const char* function;       // the kernel's name in the cubin
     const unsigned char* cubin;
     unsigned long cubin_bytes;
