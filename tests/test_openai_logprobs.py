@@ -79,7 +79,8 @@ def check_completion_logprobs(logprobs, ids: list[int], text: str, count: int, t
     assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == len(ids)
     assert logprobs.tokens == [tokenizer.decode([t]) for t in ids]
     assert logprobs.text_offset == [len(tokenizer.decode(ids[:i], skip_special_tokens=True)) for i in range(len(ids))]
-    assert all(text.startswith(piece, offset) for piece, offset in zip(logprobs.tokens, logprobs.text_offset)
+    visible = [tokenizer.decode([t], skip_special_tokens=True) for t in ids]  # EOS reads "</s>" but adds no text
+    assert all(text.startswith(piece, offset) for piece, offset in zip(visible, logprobs.text_offset)
                if piece.isascii() and piece.isprintable())
     for token, chosen, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
         assert top[token] == chosen  # the chosen token is always there (OpenAI's "up to logprobs + 1")

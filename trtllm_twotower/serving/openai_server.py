@@ -45,6 +45,7 @@ from ..runtime.scheduler import ClosedError, QueueFullError
 from .logprobs import RowLogprobs, TokenNames, chat_logprobs, completion_logprobs
 from .metrics import ServingMetrics, outcome_of_status
 from .playground import add_playground
+from .relay import Relay
 from .request_body import BodyError, parse_object, read_limited
 
 UNSUPPORTED = ("echo", "best_of", "suffix", "logit_bias", "tools", "functions", "response_format")
@@ -308,7 +309,7 @@ class OpenAIServer:
                     pass
             finally:
                 watcher.cancel()
-            result = await asyncio.to_thread(relay.result)  # decoding every row's text: off the loop
+            result = await asyncio.to_thread(relay_result, relay)  # decoding every row's text: off the loop
             self.finished(endpoint, relay, result)
             return await asyncio.to_thread(reply.whole, result)  # log-probs decode token by token: off the loop
         include_usage = bool((body.get("stream_options") or {}).get("include_usage", False))
@@ -325,7 +326,7 @@ class OpenAIServer:
                         last[e.row] = now
                         logprobs = reply.logprobs(e.row, e.token_ids, e.logprobs, e.text, e.finished)
                         yield reply.chunk([reply.choice(e.row, e.text, e.token_ids, None, False, logprobs)])
-                result = relay.result()
+                result = relay_result(relay)
             except ApiError as err:
                 outcome = outcome_of_status(err.status)
                 yield "data: " + json.dumps({"error": {"message": err.message, "type": "server_error",
@@ -438,34 +439,14 @@ async def cancel_on_disconnect(request: Request, relay: "Relay") -> None:
     relay.cancel_if_running()
 
 
-class Relay:
-    """One submitted request's events, moved from the scheduler's thread to the event loop."""
-
-    def __init__(self, runtime, prepared):
-        self.runtime = runtime
-        self.prepared = prepared
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.ticket = runtime.submit(prepared, self._put, lambda _: self._put(None))
-
-    def _put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    async def events(self):
-        while (event := await self.queue.get()) is not None:
-            yield event
-
-    def result(self):
-        try:
-            return self.runtime.result(self.ticket)
-        except ClosedError as err:  # the drain timeout ended it
-            raise ApiError(str(err), None, 503, "shutting_down") from err
-        except Exception as err:  # noqa: BLE001 - a failed forward is the server's error, reported as such
-            raise ApiError(f"generation failed: {err}", None, 500) from err
-
-    def cancel_if_running(self) -> None:
-        if not self.ticket.done.is_set():
-            self.ticket.cancel()  # its rows leave the batch before the next denoiser step
+def relay_result(relay: Relay):
+    """The request's result, its failures as the API's errors."""
+    try:
+        return relay.runtime.result(relay.ticket)
+    except ClosedError as err:  # the drain timeout ended it
+        raise ApiError(str(err), None, 503, "shutting_down") from err
+    except Exception as err:  # noqa: BLE001 - a failed forward is the server's error, reported as such
+        raise ApiError(f"generation failed: {err}", None, 500) from err
 
 
 # ---- the process ------------------------------------------------------------------------------------------

@@ -21,7 +21,6 @@ to any other host. A client that goes away cancels its rows at the next step.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import asdict
 from functools import lru_cache
@@ -30,6 +29,8 @@ from pathlib import Path
 from fastapi import Request
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+
+from .relay import Relay
 
 STATIC = Path(__file__).with_name("playground")
 NOT_FIELDS = {"stream", "stream_options"}  # the events endpoint always streams
@@ -67,7 +68,7 @@ def add_playground(app, server, fields: set) -> None:
         body = await server.body(request, fields - NOT_FIELDS)
         prepared = server.prepare(body, [body.get("prompt")])  # one prompt; the runtime names a bad one
         with server.admitting():
-            relay = _StepRelay(runtime, prepared)
+            relay = Relay(runtime, prepared, steps=True)
         s = prepared.settings
         start = {"type": "start", "mode": prepared.mode, "block_size": s.block_size,
                  "steps_per_block": s.steps_per_block, "max_new_tokens": s.max_new_tokens,
@@ -78,7 +79,7 @@ def add_playground(app, server, fields: set) -> None:
                 yield sse(start)
                 async for event in relay.events():
                     yield sse(step_json(event))
-                yield sse(relay.summary())
+                yield sse(summary(relay))
             except Exception as err:  # noqa: BLE001 - a failed forward is reported to the page, not raised
                 yield sse({"type": "error", "error": {"message": f"generation failed: {err}", "type": "server_error"}})
                 return
@@ -93,33 +94,13 @@ def sse(data: dict) -> str:
     return "data: " + json.dumps(data) + "\n\n"
 
 
-class _StepRelay:
-    """One submitted request's step events, moved from the scheduler's thread to the event loop."""
-
-    def __init__(self, runtime, prepared):
-        self.runtime = runtime
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.ticket = runtime.submit(prepared, on_done=lambda _: self._put(None), on_step=self._put)
-
-    def _put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    async def events(self):
-        while (event := await self.queue.get()) is not None:
-            yield event
-
-    def summary(self) -> dict:
-        """The result event (raises the error of a failed generation)."""
-        result = self.runtime.result(self.ticket)
-        ticket = self.ticket
-        generated = sum(map(len, result.output_ids))
-        first = None if ticket.first_tokens is None else ticket.first_tokens - ticket.submitted
-        return {"type": "result", "output_ids": result.output_ids, "text": result.text, "nfe": result.nfe,
-                "tokens_per_step": result.tokens_per_step, "forwards_per_token": result.stats["forwards_per_token"],
-                "time_to_first_block": first, "tokens_per_second": generated / max(result.seconds, 1e-9),
-                "seconds": result.seconds, "stats": result.stats}
-
-    def cancel_if_running(self) -> None:
-        if not self.ticket.done.is_set():
-            self.ticket.cancel()  # its rows leave the batch before the next denoiser step
+def summary(relay: Relay) -> dict:
+    """The result event (raises the error of a failed generation)."""
+    result = relay.runtime.result(relay.ticket)
+    ticket = relay.ticket
+    generated = sum(map(len, result.output_ids))
+    first = None if ticket.first_tokens is None else ticket.first_tokens - ticket.submitted
+    return {"type": "result", "output_ids": result.output_ids, "text": result.text, "nfe": result.nfe,
+            "tokens_per_step": result.tokens_per_step, "forwards_per_token": result.stats["forwards_per_token"],
+            "time_to_first_block": first, "tokens_per_second": generated / max(result.seconds, 1e-9),
+            "seconds": result.seconds, "stats": result.stats}
