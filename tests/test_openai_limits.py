@@ -9,8 +9,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ openai = pytest.importorskip("openai", reason="the openai client is not installe
 pytest.importorskip("fastapi", reason="fastapi/uvicorn not installed (pip install '.[serve]')")
 parser = pytest.importorskip("prometheus_client.parser", reason="prometheus_client not installed ('.[serve]')")
 
-from trtllm_twotower.serving.triton_launcher import free_port  # noqa: E402
+from serving_process import start_openai_server, stop_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 KNOBS = dict(block_size=8, steps_per_block=8, confidence_threshold=0.05)
@@ -29,28 +27,7 @@ KEY = "sk-test-" + os.urandom(8).hex()
 
 
 def start_server(log: Path, *extra: str, env: dict | None = None):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "trtllm_twotower.serving.openai_server", "--dtype", "float32",
-                             "--port", str(port), "--served-model-name", "demo", "--default-temperature", "0", *extra],
-                            cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})})
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            if request(port, "GET", "/health")[0] == 200:
-                return proc, port
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    pytest.fail("server did not start")
-
-
-def stop_server(proc) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+    return start_openai_server(log, "--served-model-name", "demo", "--default-temperature", "0", *extra, env=env)
 
 
 def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,

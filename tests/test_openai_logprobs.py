@@ -4,13 +4,8 @@ trained demo model with a chat template, CPU, float32)."""
 
 from __future__ import annotations
 
-import json
 import random
 import shutil
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -22,10 +17,9 @@ pytest.importorskip("fastapi", reason="fastapi/uvicorn not installed (pip instal
 from trtllm_twotower.demo import TRAINED_DEMO_DIR  # noqa: E402
 from trtllm_twotower.hf_reference import transformers_context_model  # noqa: E402
 from trtllm_twotower.runtime import TwoTowerRuntime  # noqa: E402
-from trtllm_twotower.serving.triton_launcher import free_port  # noqa: E402
+from serving_process import start_openai_server, stop_server, with_chat_template  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
 KNOBS = dict(block_size=8, steps_per_block=4, confidence_threshold=0.5)
 MODES = ["diffusion", "speculative", "ar", "mock-ar"]
 PROMPT = "Return a new list of"
@@ -36,32 +30,15 @@ def checkpoint(tmp_path_factory):
     """The trained demo model with a chat template in its tokenizer config."""
     directory = tmp_path_factory.mktemp("lp") / "demo"
     shutil.copytree(TRAINED_DEMO_DIR, directory)
-    config = json.loads((directory / "tokenizer_config.json").read_text())
-    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
-    return directory
+    return with_chat_template(directory)
 
 
 @pytest.fixture(scope="module")
 def client(checkpoint, tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("lp_log") / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "trtllm_twotower.serving.openai_server", "--checkpoint",
-                             str(checkpoint), "--dtype", "float32", "--port", str(port), "--served-model-name", "demo",
-                             "--default-temperature", "0"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}")
-            time.sleep(0.3)
+    proc, port = start_openai_server(tmp_path_factory.mktemp("lp_log") / "server.log", "--checkpoint", str(checkpoint),
+                                     "--served-model-name", "demo", "--default-temperature", "0")
     yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -19,44 +17,24 @@ pytest.importorskip("fastapi", reason="fastapi/uvicorn not installed (pip instal
 
 from trtllm_twotower.demo import write_demo_checkpoint  # noqa: E402
 from trtllm_twotower.runtime import TwoTowerRuntime  # noqa: E402
-from trtllm_twotower.serving.triton_launcher import free_port  # noqa: E402
+from serving_process import start_openai_server, stop_server, with_chat_template  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
 KNOBS = dict(block_size=8, steps_per_block=8, confidence_threshold=0.05)
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """The demo checkpoint (same weights as demo_dir) with a chat template in its tokenizer config."""
-    directory = write_demo_checkpoint(tmp_path_factory.mktemp("oai") / "demo", seed=0)
-    config = json.loads((directory / "tokenizer_config.json").read_text())
-    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHAT_TEMPLATE}))
-    return directory
+    return with_chat_template(write_demo_checkpoint(tmp_path_factory.mktemp("oai") / "demo", seed=0))
 
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("oai_log") / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "trtllm_twotower.serving.openai_server", "--checkpoint", str(checkpoint),
-                             "--dtype", "float32", "--port", str(port), "--served-model-name", "twotower-demo",
-                             "--default-temperature", "0"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(f"server exited with {proc.returncode}")
-            time.sleep(0.3)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    proc, port = start_openai_server(tmp_path_factory.mktemp("oai_log") / "server.log", "--checkpoint", str(checkpoint),
+                                     "--served-model-name", "twotower-demo", "--default-temperature", "0")
+    yield f"http://127.0.0.1:{port}"
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -26,7 +23,7 @@ pytest.importorskip("fastapi", reason="fastapi/uvicorn not installed (pip instal
 from trtllm_twotower.config import config_from_dict  # noqa: E402
 from trtllm_twotower.demo import DEMO_CONFIG, TRAINED_DEMO_DIR, demo_tensors, write_checkpoint  # noqa: E402
 from trtllm_twotower.runtime import TwoTowerRuntime  # noqa: E402
-from trtllm_twotower.serving.triton_launcher import free_port  # noqa: E402
+from serving_process import start_openai_server, stop_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -35,39 +32,18 @@ TIMEOUT_MS = 60_000
 
 
 def start_server(checkpoint: Path | None, log_path: Path):
-    port = free_port()
-    log = open(log_path, "w")
-    command = [sys.executable, "-m", "trtllm_twotower.serving.openai_server", "--dtype", "float32", "--port", str(port),
-               "--default-temperature", "0"]
-    if checkpoint is not None:
-        command += ["--checkpoint", str(checkpoint)]
-    proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, log, url
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"server did not start: {log_path.read_text()[-2000:]}")
-            time.sleep(0.3)
-
-
-def stop_server(proc, log) -> None:
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
+    """The server on ``checkpoint`` (None: the trained demo model) -> (process, its URL)."""
+    args = ["--default-temperature", "0"] + ([] if checkpoint is None else ["--checkpoint", str(checkpoint)])
+    proc, port = start_openai_server(log_path, *args)
+    return proc, f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The trained demo model (byte-level tokenizer)."""
-    proc, log, url = start_server(None, tmp_path_factory.mktemp("playground") / "server.log")
+    proc, url = start_server(None, tmp_path_factory.mktemp("playground") / "server.log")
     yield url
-    stop_server(proc, log)
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +52,9 @@ def bare_server(tmp_path_factory):
     directory = tmp_path_factory.mktemp("bare")
     checkpoint = write_checkpoint(directory / "ckpt", DEMO_CONFIG, demo_tensors(config_from_dict(DEMO_CONFIG), seed=0),
                                   with_tokenizer=False)
-    proc, log, url = start_server(checkpoint, directory / "server.log")
+    proc, url = start_server(checkpoint, directory / "server.log")
     yield url
-    stop_server(proc, log)
+    stop_server(proc)
 
 
 def post(url: str, body: dict) -> tuple[int, str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -25,9 +24,9 @@ from trtllm_twotower.runtime import TwoTowerRuntime
 from trtllm_twotower.runtime.executor import TorchExecutor
 from trtllm_twotower.runtime.prefix_cache import PAGE_TOKENS, PrefixCache
 from trtllm_twotower.runtime.scheduler import Scheduler
-from trtllm_twotower.serving.triton_launcher import free_port
 from trtllm_twotower.training.corpus import read_corpus
 from conftest import load_towers
+from serving_process import start_openai_server, stop_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 P = 64  # the page of the ``runtimes`` fixture
@@ -263,37 +262,25 @@ def test_run_runtime_reports_cached_tokens_and_refuses_a_bad_size(demo_dir):
 
 def test_openai_server_reports_cached_tokens_and_cache_state(demo_dir, tmp_path):
     pytest.importorskip("fastapi", reason="fastapi/uvicorn not installed (pip install '.[serve]')")
-    port = free_port()
-    with open(tmp_path / "server.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "trtllm_twotower.serving.openai_server", "--checkpoint", str(demo_dir),
-                                 "--dtype", "float32", "--port", str(port), "--prefix-cache-bytes", str(1 << 26)],
-                                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    with urllib.request.urlopen(url + "/health", timeout=2):
-                        break
-                except OSError:
-                    assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
-                    time.sleep(0.3)
-            prompt = random_ids(torch.Generator().manual_seed(71), PAGE_TOKENS + 30)
+    proc, port = start_openai_server(tmp_path / "server.log", "--checkpoint", str(demo_dir), "--prefix-cache-bytes",
+                                     str(1 << 26))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        prompt = random_ids(torch.Generator().manual_seed(71), PAGE_TOKENS + 30)
 
-            def complete():
-                body = json.dumps({"prompt": prompt, "max_tokens": 8, "temperature": 0, "mode": "ar"}).encode()
-                request = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=120) as r:
-                    return json.loads(r.read())
+        def complete():
+            body = json.dumps({"prompt": prompt, "max_tokens": 8, "temperature": 0, "mode": "ar"}).encode()
+            request = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as r:
+                return json.loads(r.read())
 
-            first, second = complete(), complete()
-            assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
-            assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": PAGE_TOKENS}
-            assert second["choices"][0]["token_ids"] == first["choices"][0]["token_ids"]
-            with urllib.request.urlopen(url + "/health", timeout=10) as r:
-                state = json.loads(r.read())["prefix_cache"]
-            assert state["pages"] == 1 and state["capacity_bytes"] == 1 << 26 and state["hit_tokens"] == PAGE_TOKENS
-            assert state["hit_rate"] == pytest.approx(PAGE_TOKENS / (2 * len(prompt)))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+        first, second = complete(), complete()
+        assert first["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+        assert second["usage"]["prompt_tokens_details"] == {"cached_tokens": PAGE_TOKENS}
+        assert second["choices"][0]["token_ids"] == first["choices"][0]["token_ids"]
+        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+            state = json.loads(r.read())["prefix_cache"]
+        assert state["pages"] == 1 and state["capacity_bytes"] == 1 << 26 and state["hit_tokens"] == PAGE_TOKENS
+        assert state["hit_rate"] == pytest.approx(PAGE_TOKENS / (2 * len(prompt)))
+    finally:
+        stop_server(proc)
