@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from trtllm_twotower.checkpoint import CONTEXT, DENOISER, NANO, TWOTOWER, CheckpointError
-from trtllm_twotower.config import ConfigError, TwoTowerConfig, load_config
+from trtllm_twotower.config import ConfigError, TwoTowerConfig, config_file, load_config
 from trtllm_twotower.convert import ARCHITECTURES, DTYPES, convert_checkpoint, trtllm_params
 from trtllm_twotower.engine_io import TRTLLM_BUILD_FLAGS, BuildLimits, engine_io, memory_plan, profiles, write_manifest
 from trtllm_twotower.fsutil import Terminated, atomic_directory
@@ -144,6 +144,11 @@ def _new_output(path: str, overwrite: bool) -> Path:
     return out
 
 
+def _write_script(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o755)
+
+
 def build(args, limits: BuildLimits) -> int:
     out = _new_output(args.output_dir, args.overwrite)
     cfg = load_config(args.checkpoint)
@@ -159,10 +164,9 @@ def build(args, limits: BuildLimits) -> int:
         (tmp / "build_plan.json").write_text(json.dumps(plan, indent=2))
         print_plan(plan)
         commands = trtllm_build_commands(out, limits, list(towers))
-        (tmp / "trtllm_build.sh").write_text("#!/usr/bin/env bash\n# Build the engines with trtllm-build "
-                                             "(TensorRT-LLM 1.2, a GPU; the trtllm_twotower package importable)\n"
-                                             "set -euo pipefail\n" + "".join(shlex.join(c) + "\n" for c in commands))
-        (tmp / "trtllm_build.sh").chmod(0o755)
+        _write_script(tmp / "trtllm_build.sh", "#!/usr/bin/env bash\n# Build the engines with trtllm-build "
+                      "(TensorRT-LLM 1.2, a GPU; the trtllm_twotower package importable)\n"
+                      "set -euo pipefail\n" + "".join(shlex.join(c) + "\n" for c in commands))
         write_manifest(tmp, cfg, limits, list(towers))
         if tensorrt_llm is not None and not args.no_build:
             from trtllm_twotower.network.trt import build_engines
@@ -189,11 +193,9 @@ def build_onnx(args, limits: BuildLimits) -> int:
     with atomic_directory(out) as tmp:
         graphs = onnx_export.export_towers(args.checkpoint, tmp, args.dtype)
         commands = onnx_engines.engine_commands(cfg, graphs, out, limits)
-        config = Path(args.checkpoint) / "config.json" if Path(args.checkpoint).is_dir() else Path(args.checkpoint)
-        (tmp / "trt_build.sh").write_text(onnx_engines.build_script(commands, out, config))
-        (tmp / "trt_build.sh").chmod(0o755)
+        _write_script(tmp / "trt_build.sh", onnx_engines.build_script(commands, out, config_file(args.checkpoint)))
         if tensorrt is not None and not args.no_build:
-            onnx_engines.build_engines(cfg, graphs, tmp, limits)
+            onnx_engines.build_engines(cfg, graphs, tmp, limits, args.dtype)
     print(f"wrote {', '.join(f'{g}.onnx' for g in graphs)} and trt_build.sh to {out}")
     if tensorrt is None or args.no_build:
         print("TensorRT is not installed: build the engines on a GPU machine with one of (per graph):")

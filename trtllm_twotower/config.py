@@ -268,10 +268,15 @@ def _validate(cfg: TwoTowerConfig, raw: dict[str, Any]) -> None:
         raise ConfigError(f"mask_token_id: equals eos_token_id ({cfg.eos_token_id})")
 
 
+def config_file(path: str | Path) -> Path:
+    """The ``config.json`` of a checkpoint directory, or ``path`` itself when it is the file."""
+    path = Path(path)
+    return path / "config.json" if path.is_dir() else path
+
+
 def load_config(path: str | Path) -> TwoTowerConfig:
     """Read ``config.json`` from a checkpoint directory (or the file itself)."""
-    path = Path(path)
-    file = path / "config.json" if path.is_dir() else path
+    file = config_file(path)
     if not file.is_file():
         raise ConfigError(f"config.json: not found at {file}")
     try:

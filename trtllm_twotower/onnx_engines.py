@@ -78,7 +78,7 @@ def build_script(commands: list[list[str]], onnx_dir: Path, config: Path) -> str
     return "\n".join(lines) + "\n"
 
 
-def build_engines(cfg: TwoTowerConfig, graphs: list[str], onnx_dir: Path, limits: BuildLimits) -> None:
+def build_engines(cfg: TwoTowerConfig, graphs: list[str], onnx_dir: Path, limits: BuildLimits, dtype: str) -> None:
     """The same engines through TensorRT's Python API (as the commands of ``engine_commands``):
     ONNX parser, one optimisation profile, strongly typed network. Raises ValueError naming the
     graph and the parser's errors (a missing plugin creator among them)."""
@@ -86,7 +86,7 @@ def build_engines(cfg: TwoTowerConfig, graphs: list[str], onnx_dir: Path, limits
 
     from .plugins.plugin_library import check_config, load_trt_plugins
 
-    check_config(cfg)  # its kernels were compiled for this model's shapes
+    check_config(cfg, dtype)  # its kernels were compiled for this model's shapes and the graphs' dtype
     load_trt_plugins()
     logger = trt.Logger(trt.Logger.WARNING)
     (onnx_dir / "engines").mkdir(exist_ok=True)

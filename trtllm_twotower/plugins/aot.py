@@ -30,15 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from .compile import META, Launch, compile_launch, recording
+from ..fsutil import atomic_directory
+from .compile import META, REAL_CONFIG, Launch, compile_launch, recording, require_compiler
 
 PREFIX = "trtllm_twotower.plugins."
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -46,7 +44,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def variant_key(launch: Launch) -> str:
     """``module.kernel(types)[constexprs]wN``, e.g. ``norms._relu2_kernel(*bf16,*bf16,i32)[BLOCK=1024]w4``;
-    ``csrc/triton_launch.cpp`` (``Launch::key``) builds the same string."""
+    ``csrc/triton_launch.cpp`` (``TritonLaunch::key``) builds the same string."""
     types = ",".join(t for _, t in launch.signature if t != "constexpr")
     constexprs = ",".join(f"{name}={int(v) if isinstance(v, bool) else v}" for name, v in launch.constexprs)
     return f"{launch.kernel.removeprefix(PREFIX)}({types})[{constexprs}]w{launch.num_warps}"
@@ -180,12 +178,11 @@ def variants_source(compiled: list[tuple[str, tuple, object]], banner: str) -> s
 
 def write_aot(cfg, out: Path, arch: int = 90, dtypes=("bfloat16", "float32"), log=print) -> dict:
     """Compile every plugin variant of ``cfg`` for sm_``arch`` and write the C sources into ``out``
-    (atomically: a temporary directory renamed into place)."""
+    (atomically: ``fsutil.atomic_directory``)."""
     import triton
     from triton.backends.compiler import GPUTarget
 
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("TRITON_INTERPRET is set: the interpreter replaces the kernels; unset it to compile")
+    require_compiler()
     target = GPUTarget("cuda", arch, 32)
     compiled = []
     for launch, divisible in plugin_launches(cfg, dtypes):
@@ -197,27 +194,19 @@ def write_aot(cfg, out: Path, arch: int = 90, dtypes=("bfloat16", "float32"), lo
         log(f"sm_{arch} {key}")
     manifest = {"arch": arch, "triton": triton.__version__, "dtypes": list(dtypes), "config": cfg.to_dict(),
                 "variants": [{"key": key, "divisible": list(hints)} for key, hints, _ in compiled]}
-    banner = f"triton {triton.__version__}, sm_{arch}, {len(compiled)} variants"
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    banner = f"triton {triton.__version__}, sm_{arch}, {len(compiled)} cubins"
+    with atomic_directory(out) as staging:
         (staging / "triton_variants.c").write_text(variants_source(compiled, banner))
         (staging / "triton_constants.h").write_text(constants_header())
         (staging / "plugin_nodes.h").write_text(nodes_header())
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Compile the Triton kernels of one model config ahead of time into "
                                                  "C sources for the TensorRT plugin library.")
-    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[2] / "bench" / "real_config.json"),
+    parser.add_argument("--config", default=str(REAL_CONFIG),
                         help="a config.json or a checkpoint directory (default: the real model's config)")
     parser.add_argument("--out", required=True, help="output directory (replaced atomically)")
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
@@ -235,7 +224,8 @@ def main(argv=None) -> int:
     except (OSError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{len(manifest['variants'])} kernel variants compiled for sm_{args.arch} into {args.out}")
+    kernels = len({v["key"] for v in manifest["variants"]})
+    print(f"{kernels} kernel variants ({len(manifest['variants'])} cubins) compiled for sm_{args.arch} into {args.out}")
     return 0
 
 

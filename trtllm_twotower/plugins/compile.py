@@ -23,6 +23,7 @@ import torch
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
           torch.int64: "i64", torch.int32: "i32", torch.bool: "i1"}
 META = torch.device("meta")
+REAL_CONFIG = Path(__file__).resolve().parents[2] / "bench" / "real_config.json"
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,12 @@ def real_model_launches(cfg, batches=(1, 64), lengths=(1, 16), context: int = 81
     return list(dict.fromkeys(call.launch for call in calls))  # distinct, in first-seen order
 
 
+def require_compiler() -> None:
+    """Refuse to compile under ``TRITON_INTERPRET``: the interpreter replaces the kernels."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("TRITON_INTERPRET is set: the interpreter replaces the kernels; unset it to compile")
+
+
 def compile_launch(launch: Launch, target, divisible: tuple = ()):
     """A CompiledKernel (cubin and all) for ``target``; ``divisible``: the indices of the arguments
     (pointers: their address) promised to be multiples of 16, as Triton's JIT specialises them."""
@@ -157,12 +164,14 @@ def compile_launch(launch: Launch, target, divisible: tuple = ()):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Compile every Triton kernel at the real model's shapes for a GPU "
                                                  "target, without a GPU.")
-    parser.add_argument("--config", default=str(Path(__file__).resolve().parents[2] / "bench" / "real_config.json"))
+    parser.add_argument("--config", default=str(REAL_CONFIG))
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for H100/H200")
     parser.add_argument("--json", help="write a report (kernel, constexprs, cubin and shared-memory bytes)")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        parser.error("TRITON_INTERPRET is set: the interpreter replaces the kernels; unset it to compile")
+    try:
+        require_compiler()
+    except RuntimeError as err:
+        parser.error(str(err))
     from triton.backends.compiler import GPUTarget
 
     from ..config import load_config

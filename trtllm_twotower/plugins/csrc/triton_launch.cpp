@@ -12,16 +12,27 @@
 
 namespace twotower {
 
-char const* dtype_name(int dtype) {
-    switch (dtype) {
-        case TWOTOWER_FP32: return "fp32";
-        case TWOTOWER_BF16: return "bf16";
-        case TWOTOWER_FP16: return "fp16";
-        case TWOTOWER_I32: return "i32";
-        case TWOTOWER_I64: return "i64";
-    }
-    throw Failure(TWOTOWER_ERR_BAD_DTYPE, "dtype code " + std::to_string(dtype) + " is not a TwoTowerDType");
+namespace {
+
+struct DType {
+    char const* name;
+    int64_t bytes;
+};
+
+// Indexed by TwoTowerDType.
+constexpr DType kDTypes[] = {{"fp32", 4}, {"bf16", 2}, {"fp16", 2}, {"i32", 4}, {"i64", 8}};
+
+DType const& dtype_of(int dtype) {
+    if (dtype < 0 || dtype >= static_cast<int>(sizeof kDTypes / sizeof kDTypes[0]))
+        throw Failure(TWOTOWER_ERR_BAD_DTYPE, "dtype code " + std::to_string(dtype) + " is not a TwoTowerDType");
+    return kDTypes[dtype];
 }
+
+}  // namespace
+
+char const* dtype_name(int dtype) { return dtype_of(dtype).name; }
+
+int64_t dtype_bytes(int dtype) { return dtype_of(dtype).bytes; }
 
 TritonLaunch& TritonLaunch::ptr(CUdeviceptr p, int dtype) {
     mTypes.push_back(std::string("*") + dtype_name(dtype));
@@ -154,8 +165,7 @@ void TritonLaunch::run(int64_t grid_x, int64_t grid_y, int64_t grid_z, CUstream 
     if (grid_x <= 0 || grid_y <= 0 || grid_z <= 0) return;
     if (grid_x > INT32_MAX || grid_y > 65535 || grid_z > 65535)
         throw Failure(TWOTOWER_ERR_UNSUPPORTED, k + ": grid too large");
-    TwoTowerVariant const& v = twotower_variants[variant];
-    if (v.num_warps != static_cast<unsigned>(mWarps)) throw Failure(TWOTOWER_ERR_UNSUPPORTED, k + ": warps differ");
+    TwoTowerVariant const& v = twotower_variants[variant];  // its warps are the key's
     CUfunction function = function_for(variant, k);
     // Triton's kernel ABI: the runtime arguments in order, then the global and profile scratch
     // pointers (unused by these kernels: aot.py refuses kernels that need them). The trailing NULL

@@ -18,7 +18,8 @@ struct Failure : std::runtime_error {
     int code;
 };
 
-char const* dtype_name(int dtype);  // "fp32", "bf16", ... (Triton's names), throws on a bad code
+char const* dtype_name(int dtype);   // "fp32", "bf16", ... (Triton's names); both throw on a bad code
+int64_t dtype_bytes(int dtype);      // bytes of one element
 
 // One kernel launch, built argument by argument in the kernel's order (constexprs included, as
 // the Python launcher passes them).

@@ -29,15 +29,6 @@ int64_t next_power_of_2(int64_t n) {  // triton.next_power_of_2
     return n <= 0 ? 0 : p;
 }
 
-int64_t element_bytes(int dtype) {
-    switch (dtype) {
-        case TWOTOWER_FP32: case TWOTOWER_I32: return 4;
-        case TWOTOWER_BF16: case TWOTOWER_FP16: return 2;
-        case TWOTOWER_I64: return 8;
-    }
-    throw Failure(TWOTOWER_ERR_BAD_DTYPE, "dtype code " + std::to_string(dtype) + " is not a TwoTowerDType");
-}
-
 size_t aligned(size_t bytes) { return (bytes + 255) & ~size_t(255); }
 
 void require(bool ok, int code, std::string const& message) {
@@ -73,7 +64,7 @@ struct Args {
         require(t.ndim >= 0 && t.ndim <= 8, TWOTOWER_ERR_BAD_DIMS, name + ": ndim " + std::to_string(t.ndim));
         require(ndim < 0 || t.ndim == ndim, TWOTOWER_ERR_BAD_DIMS,
                 name + ": " + std::to_string(t.ndim) + " dims, expected " + std::to_string(ndim));
-        element_bytes(t.dtype);
+        dtype_bytes(t.dtype);  // refuses a dtype code outside TwoTowerDType
         for (int d = 0; d < t.ndim; ++d) require(t.dims[d] >= 0, TWOTOWER_ERR_BAD_DIMS, name + ": a negative dim");
         if (numel(t) > 0) require(t.data != 0, TWOTOWER_ERR_NULL, name + ": NULL data");
         return t;
@@ -88,7 +79,7 @@ struct Args {
 int64_t last_dim(TwoTowerTensor const& t) { return t.ndim ? t.dims[t.ndim - 1] : 1; }
 
 CUdeviceptr offset(TwoTowerTensor const& t, int64_t elements) {
-    return t.data + static_cast<CUdeviceptr>(elements * element_bytes(t.dtype));
+    return t.data + static_cast<CUdeviceptr>(elements * dtype_bytes(t.dtype));
 }
 
 // ---- norms.py ------------------------------------------------------------------------------------
@@ -210,7 +201,7 @@ void moe_experts(Args const& a, CUdeviceptr workspace, size_t workspace_bytes, C
     for (int64_t t0 = 0; t0 < n; t0 += expert_chunk_tokens(k)) {
         const int64_t tokens = std::min(n - t0, expert_chunk_tokens(k)), T = tokens * k;
         const int64_t NB = cdiv(T, TWOTOWER_MOE_BLOCK_M) + E;
-        ExpertScratch s(tokens, k, E, D, I, element_bytes(x.dtype));
+        ExpertScratch s(tokens, k, E, D, I, dtype_bytes(x.dtype));
         require(s.bytes <= workspace_bytes, TWOTOWER_ERR_WORKSPACE, "MoeExperts: workspace too small");
         const CUdeviceptr sorted = workspace + s.sorted, block_expert = workspace + s.block_expert;
         const CUdeviceptr act = workspace + s.act, contrib = workspace + s.contrib;
@@ -248,7 +239,7 @@ size_t moe_experts_workspace(Args const& a) {
     TwoTowerTensor const& ids = a.input(1, 2);
     TwoTowerTensor const& up = a.input(3, 3);
     const int64_t D = last_dim(x), n = D ? Args::numel(x) / D : 0, k = std::max<int64_t>(ids.dims[1], 1);
-    return ExpertScratch(std::min(n, expert_chunk_tokens(k)), k, up.dims[0], D, up.dims[1], element_bytes(x.dtype)).bytes;
+    return ExpertScratch(std::min(n, expert_chunk_tokens(k)), k, up.dims[0], D, up.dims[1], dtype_bytes(x.dtype)).bytes;
 }
 
 // ---- attention.py --------------------------------------------------------------------------------
